@@ -1,0 +1,55 @@
+"""The Typer application and the one place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+import typer
+
+from outlier_probe.errors import ProbeError
+
+app = typer.Typer(
+    name="outlier-probe",
+    help="Measure activation outliers of transformer checkpoints, their W8A8 quantization loss, and gate CI on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # a traceback must never print whole tensors
+)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print one line on stderr and return the Exit to raise."""
+    first_line = " ".join(str(message).split())  # one line, always
+    print(f"outlier-probe: error: {first_line}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def guarded(fn: F) -> F:
+    """Run a command body; ProbeError -> its exit code, anything else -> exit 1, one line, no traceback.
+
+    Set OUTLIER_PROBE_DEBUG=1 to see the traceback instead.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ProbeError as err:
+            if os.environ.get("OUTLIER_PROBE_DEBUG"):
+                raise
+            raise fail(str(err), err.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except Exception as err:  # noqa: BLE001 - the CLI promise: no traceback
+            if os.environ.get("OUTLIER_PROBE_DEBUG"):
+                raise
+            raise fail(f"{type(err).__name__}: {err} (set OUTLIER_PROBE_DEBUG=1 for the traceback)", 1) from None
+
+    return wrapper  # type: ignore[return-value]
