@@ -18,6 +18,7 @@ class SiteKind(str, enum.Enum):
     norm = "norm"  # outputs of the layer norms inside a block, and the final norm
     residual = "residual"  # residual sum entering a post-norm (BERT-style) LayerNorm
     linear_input = "linear_input"  # input of every Linear (off by default)
+    linear_output = "linear_output"  # every Linear output: what the generic fallback hooks
 
 
 DEFAULT_SITE_KINDS: tuple[SiteKind, ...] = (
@@ -26,6 +27,7 @@ DEFAULT_SITE_KINDS: tuple[SiteKind, ...] = (
     SiteKind.ffn_output,
     SiteKind.norm,
     SiteKind.residual,
+    SiteKind.linear_output,  # only the generic fallback emits these
 )
 
 
@@ -72,7 +74,7 @@ class LoadConfig:
     device: Device = Device.cpu
     trust_remote_code: bool = False
     attention: AttentionVariant | None = None  # None: the variant recorded in the checkpoint (or softmax)
-    gguf_file: str | None = None  # file name inside a folder / hub repo holding several GGUF files
+    tokenizer: str | None = None  # tokenizer folder when the checkpoint ships none
 
 
 @dataclass(frozen=True)

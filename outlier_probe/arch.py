@@ -1,0 +1,383 @@
+"""Architecture adapter: the ONLY module that knows how each model family names its internals.
+
+Every other module asks this one for sites (what to hook), attention modules (where to swap the
+softmax), head modules (what stays in float) and the model's shape facts.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from outlier_probe.config import SiteKind, SiteSelection
+from outlier_probe.errors import UsageError
+
+
+class Family(str, enum.Enum):
+    bert = "bert"  # BERT, RoBERTa, XLM-R, Electra, ... (post-LN encoders)
+    distilbert = "distilbert"
+    gpt2 = "gpt2"
+    opt = "opt"
+    llama = "llama"  # Llama, Mistral, Qwen2/3, SmolLM, ... (pre-RMSNorm decoders)
+    vit = "vit"
+    generic = "generic"
+
+
+class Task(str, enum.Enum):
+    causal_lm = "causal_lm"
+    masked_lm = "masked_lm"
+    image_classification = "image_classification"
+    encoder = "encoder"  # no head we can score: hidden-state fidelity only
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Module names inside one layer, relative to the layer, and around the layer stack."""
+
+    layers: tuple[str, ...]  # suffixes of the ModuleList holding the blocks
+    attention: str  # the module whose forward calls transformers' attention interface
+    attn_output: tuple[str, ...]
+    ffn_output: tuple[str, ...]
+    norms: tuple[str, ...]  # norms inside a block
+    residual_norms: tuple[str, ...]  # norms whose INPUT is a residual sum
+    final_norm: tuple[str, ...] = ()  # relative to the parent of the layer stack
+    embeddings: tuple[str, ...] = ()  # relative to the parent of the layer stack's parent
+    embedding_sum_norm: str | None = None  # norm whose input is the embedding sum (BERT-style)
+    pre_norm: bool = True
+
+
+_SPECS: dict[Family, FamilySpec] = {
+    Family.bert: FamilySpec(
+        layers=("encoder.layer",),
+        attention="attention.self",
+        attn_output=("attention.output.dense",),
+        ffn_output=("output.dense",),
+        norms=("attention.output.LayerNorm", "output.LayerNorm"),
+        residual_norms=("attention.output.LayerNorm", "output.LayerNorm"),
+        embeddings=("embeddings",),
+        embedding_sum_norm="embeddings.LayerNorm",
+        pre_norm=False,
+    ),
+    Family.distilbert: FamilySpec(
+        layers=("transformer.layer",),
+        attention="attention",
+        attn_output=("attention.out_lin",),
+        ffn_output=("ffn.lin2",),
+        norms=("sa_layer_norm", "output_layer_norm"),
+        residual_norms=("sa_layer_norm", "output_layer_norm"),
+        embeddings=("embeddings",),
+        embedding_sum_norm="embeddings.LayerNorm",
+        pre_norm=False,
+    ),
+    Family.gpt2: FamilySpec(
+        layers=("h",),
+        attention="attn",
+        attn_output=("attn.c_proj",),
+        ffn_output=("mlp.c_proj",),
+        norms=("ln_1", "ln_2"),
+        residual_norms=("ln_2",),
+        final_norm=("ln_f",),
+    ),
+    Family.opt: FamilySpec(
+        layers=("decoder.layers",),
+        attention="self_attn",
+        attn_output=("self_attn.out_proj",),
+        ffn_output=("fc2",),
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        residual_norms=("final_layer_norm",),
+        final_norm=("final_layer_norm",),
+    ),
+    Family.llama: FamilySpec(
+        layers=("layers",),
+        attention="self_attn",
+        attn_output=("self_attn.o_proj",),
+        ffn_output=("mlp.down_proj",),
+        norms=("input_layernorm", "post_attention_layernorm"),
+        residual_norms=("post_attention_layernorm",),
+        final_norm=("norm",),
+    ),
+    Family.vit: FamilySpec(
+        layers=("layers", "encoder.layer"),
+        attention="attention",
+        attn_output=("attention.o_proj", "attention.output.dense"),
+        ffn_output=("mlp.fc2", "output.dense"),
+        norms=("layernorm_before", "layernorm_after"),
+        residual_norms=("layernorm_after",),
+        final_norm=("layernorm",),
+    ),
+}
+
+_MODEL_TYPES: dict[str, Family] = {
+    **{t: Family.bert for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "mpnet")},
+    "distilbert": Family.distilbert,
+    "gpt2": Family.gpt2,
+    "opt": Family.opt,
+    **{t: Family.llama for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2", "granite")},
+    **{t: Family.vit for t in ("vit", "deit")},
+}
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One hooked activation: a module and which side of it is observed."""
+
+    name: str  # module path; "<path>:input" when the input is observed
+    kind: SiteKind
+    layer: int | None
+    module: nn.Module
+    capture: Literal["output", "input"] = "output"
+    module_name: str = ""  # plain module path (without ":input")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: Family
+    task: Task
+    model_type: str
+    hidden_size: int | None
+    num_heads: int | None
+    num_layers: int
+    max_positions: int | None
+    vocab_size: int | None
+    is_causal: bool
+    is_vision: bool
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family adapter for a model: by config.model_type, else the generic fallback."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    family = _MODEL_TYPES.get(model_type, Family.generic)
+    if family is not Family.generic and _find_layer_stack(model, _SPECS[family]) is None:
+        return Family.generic  # a relative with different internals: hook generically rather than fail
+    return family
+
+
+def task_of(model: nn.Module) -> Task:
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return Task.causal_lm
+    if name.endswith("ForMaskedLM"):
+        return Task.masked_lm
+    if name.endswith("ForImageClassification"):
+        return Task.image_classification
+    return Task.encoder
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    cfg = model.config
+    family = family_of(model)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    def first(*names: str) -> int | None:
+        for n in names:
+            value = getattr(text_cfg, n, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    layers = len(layer_modules(model)) if family is not Family.generic else (first("num_hidden_layers", "n_layer") or 0)
+    is_vision = family is Family.vit or hasattr(cfg, "image_size") or getattr(model, "main_input_name", "") == "pixel_values"
+    return ModelInfo(
+        family=family,
+        task=task_of(model),
+        model_type=getattr(cfg, "model_type", "") or "",
+        hidden_size=first("hidden_size", "n_embd", "dim", "d_model"),
+        num_heads=first("num_attention_heads", "n_head", "n_heads"),
+        num_layers=layers,
+        max_positions=_max_positions(text_cfg, first("max_position_embeddings", "n_positions", "n_ctx")),
+        vocab_size=first("vocab_size"),
+        is_causal=task_of(model) is Task.causal_lm or family in (Family.gpt2, Family.opt, Family.llama),
+        is_vision=is_vision,
+    )
+
+
+def _max_positions(cfg: object, value: int | None) -> int | None:
+    # RoBERTa-style position ids start after the padding index, so two slots are never usable
+    if value is not None and getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        return value - (getattr(cfg, "pad_token_id", 1) or 1) - 1
+    return value
+
+
+def _find_layer_stack(model: nn.Module, spec: FamilySpec) -> str | None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(name == s or name.endswith("." + s) for s in spec.layers):
+            return name
+    return None
+
+
+def layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each transformer block, in order; empty for the generic fallback."""
+    family = family_of(model)
+    if family is Family.generic:
+        return []
+    stack = _find_layer_stack(model, _SPECS[family])
+    assert stack is not None
+    return [(f"{stack}.{i}", block) for i, block in enumerate(model.get_submodule(stack))]
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention module of each block: the one whose forward calls the attention interface."""
+    family = family_of(model)
+    if family is Family.generic:
+        raise UsageError(
+            f"attention variants need a known family (bert, distilbert, gpt2, opt, llama, vit); "
+            f"model type {getattr(model.config, 'model_type', '?')!r} is only supported with --attention softmax"
+        )
+    rel = _SPECS[family].attention
+    return [(f"{name}.{rel}", block.get_submodule(rel)) for name, block in layer_modules(model)]
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level modules outside the backbone (LM / MLM / classifier heads): kept in float by the recipes."""
+    family = family_of(model)
+    if family is Family.generic:
+        names = [n for n, _ in model.named_children() if n in ("lm_head", "cls", "classifier", "score", "head")]
+        return names
+    stack = _find_layer_stack(model, _SPECS[family])
+    assert stack is not None
+    return [n for n, _ in model.named_children() if not stack.startswith(n + ".") and stack != n]
+
+
+def embedding_sum_site(model: nn.Module) -> Site | None:
+    """Where the token + position embedding sum can be observed (input of the embedding norm or block 0)."""
+    family = family_of(model)
+    if family is Family.generic:
+        return None
+    spec = _SPECS[family]
+    blocks = layer_modules(model)
+    if spec.embedding_sum_norm:
+        base = _stack_parent(model, spec, levels=2)
+        name = _join(base, spec.embedding_sum_norm)
+        return Site(f"{name}:input", SiteKind.residual, None, model.get_submodule(name), "input", name)
+    name, block = blocks[0]
+    return Site(f"{name}:input", SiteKind.residual, 0, block, "input", name)
+
+
+def _stack_parent(model: nn.Module, spec: FamilySpec, levels: int) -> str:
+    stack = _find_layer_stack(model, spec)
+    assert stack is not None
+    suffix = next(s for s in spec.layers if stack == s or stack.endswith("." + s))
+    base = stack[: -len(suffix)].rstrip(".")
+    if levels == 1:  # parent of the ModuleList itself (e.g. "model.decoder" for OPT)
+        parts = stack.split(".")
+        return ".".join(parts[:-1])
+    return base
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _try_get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in cls and hasattr(module, "weight")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_sites(model: nn.Module, selection: SiteSelection = SiteSelection()) -> list[Site]:
+    """Every site of the selected kinds, in model order, filtered by include/exclude fnmatch patterns."""
+    family = family_of(model)
+    sites = _generic_sites(model, selection.kinds) if family is Family.generic else _family_sites(model, family, selection.kinds)
+    out = []
+    for site in sites:
+        name = site.module_name or site.name
+        if selection.include and not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(site.name, p) for p in selection.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(site.name, p) for p in selection.exclude):
+            continue
+        out.append(site)
+    return out
+
+
+def _family_sites(model: nn.Module, family: Family, kinds: tuple[SiteKind, ...]) -> list[Site]:
+    spec = _SPECS[family]
+    sites: list[Site] = []
+
+    def add(name: str, kind: SiteKind, layer: int | None, capture: Literal["output", "input"] = "output") -> None:
+        module = _try_get(model, name)
+        if module is None:
+            return
+        label = name if capture == "output" else f"{name}:input"
+        sites.append(Site(label, kind, layer, module, capture, name))
+
+    for i, (block_name, _) in enumerate(layer_modules(model)):
+        if SiteKind.residual in kinds:
+            for rel in spec.residual_norms:
+                add(_join(block_name, rel), SiteKind.residual, i, "input")
+        if SiteKind.attn_output in kinds:
+            for rel in spec.attn_output:
+                add(_join(block_name, rel), SiteKind.attn_output, i)
+        if SiteKind.ffn_output in kinds:
+            for rel in spec.ffn_output:
+                add(_join(block_name, rel), SiteKind.ffn_output, i)
+        if SiteKind.norm in kinds:
+            for rel in spec.norms:
+                add(_join(block_name, rel), SiteKind.norm, i)
+        if SiteKind.block_output in kinds:
+            add(block_name, SiteKind.block_output, i)
+        if SiteKind.linear_input in kinds:
+            block = model.get_submodule(block_name)
+            for rel, module in block.named_modules():
+                if rel and _is_linear(module):
+                    add(_join(block_name, rel), SiteKind.linear_input, i, "input")
+    if SiteKind.norm in kinds:
+        parent = _stack_parent(model, spec, levels=1)
+        for rel in spec.final_norm:
+            add(_join(parent, rel), SiteKind.norm, None)
+    return sites
+
+
+def _generic_sites(model: nn.Module, kinds: tuple[SiteKind, ...]) -> list[Site]:
+    """Fallback for unknown architectures: every Linear output and every norm output."""
+    heads = tuple(head_module_names(model))
+    sites: list[Site] = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(heads):
+            continue
+        match = _LAYER_INDEX.search(name)
+        layer = int(match.group(1)) if match else None
+        if _is_linear(module):
+            if SiteKind.linear_output in kinds:
+                sites.append(Site(name, SiteKind.linear_output, layer, module, "output", name))
+            if SiteKind.linear_input in kinds:
+                sites.append(Site(f"{name}:input", SiteKind.linear_input, layer, module, "input", name))
+        elif _is_norm(module) and SiteKind.norm in kinds:
+            sites.append(Site(name, SiteKind.norm, layer, module, "output", name))
+    return sites
+
+
+def parse_site_kinds(values: list[str] | tuple[str, ...]) -> tuple[SiteKind, ...]:
+    """`--sites block_output,ffn_output` -> kinds; unknown names are a usage error listing the valid ones."""
+    kinds: list[SiteKind] = []
+    valid = ", ".join(k.value for k in SiteKind)
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part == "all":
+                return tuple(SiteKind)
+            try:
+                kinds.append(SiteKind(part))
+            except ValueError:
+                raise UsageError(f"unknown site kind {part!r} in --sites; valid: {valid}, all") from None
+    if not kinds:
+        raise UsageError(f"--sites is empty; valid: {valid}, all")
+    return tuple(dict.fromkeys(kinds))

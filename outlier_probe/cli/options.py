@@ -1,0 +1,47 @@
+"""Options shared by the commands that load a checkpoint and read data (one definition each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from outlier_probe.config import AttentionVariant, DataConfig, Device, DType, LoadConfig
+
+Checkpoint = Annotated[str, typer.Argument(help="Checkpoint: a Hugging Face folder, a .gguf file, or a hub id.", show_default=False)]
+DataPath = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of text files (see --include), or image folder. Default: built-in English text.")]
+Dataset = Annotated[Optional[str], typer.Option("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]] (needs `datasets` and network).")]
+Include = Annotated[str, typer.Option("--include-files", help="Glob for files inside a --data folder (searched recursively).")]
+Samples = Annotated[int, typer.Option("--samples", help="Number of sequences (or images) to evaluate.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling sequences and masks.")]
+Dtype = Annotated[DType, typer.Option("--dtype", help="Model dtype.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="cpu, cuda, or auto.")]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the checkpoint's own Python code to run (off by default).")]
+Attention = Annotated[Optional[AttentionVariant], typer.Option("--attention", help="Override the attention variant (default: what the checkpoint records, else softmax).")]
+Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder or hub id when the checkpoint has none.")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: reports/<model-name>/).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on the terminal.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout (implies --quiet).")]
+
+
+def load_config(checkpoint: str, dtype: DType, device: Device, trust_remote_code: bool,
+                attention: AttentionVariant | None, tokenizer: str | None) -> LoadConfig:
+    return LoadConfig(source=checkpoint, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                      attention=attention, tokenizer=tokenizer)
+
+
+def data_config(data: Path | None, dataset: str | None, include: str, samples: int, seq_len: int,
+                batch_size: int, seed: int, offset: int = 0) -> DataConfig:
+    return DataConfig(path=data, dataset=dataset, include=include, samples=samples, seq_len=seq_len,
+                      batch_size=batch_size, seed=seed, offset=offset)
+
+
+def default_out(checkpoint: str, out: Path | None, suffix: str = "") -> Path:
+    from outlier_probe.loading import model_name
+
+    if out is not None:
+        return out
+    return Path("reports") / (model_name(checkpoint) + suffix)

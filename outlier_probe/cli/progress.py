@@ -1,0 +1,23 @@
+"""A Rich progress bar over batches, handed to library calls as a plain callback."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@contextmanager
+def batch_progress(console: Console, label: str) -> Iterator[Callable[[int, int], None]]:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=console.quiet) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(done: int, total: int, description: str = label) -> None:
+            if description not in tasks:
+                tasks[description] = bar.add_task(description, total=total)
+            bar.update(tasks[description], completed=done, total=total)
+
+        yield update

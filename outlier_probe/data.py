@@ -1,0 +1,244 @@
+"""Text files, folders, HF datasets and image folders -> seeded, packed batches.
+
+A text batch is {"input_ids": (B, T) long, "attention_mask": (B, T) long}; an image batch is
+{"pixel_values": (B, C, H, W) float, "labels": (B,) long}. Batches live on the CPU; consumers move them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from outlier_probe.config import DataConfig
+from outlier_probe.errors import ProbeError, UsageError
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_CHARS_PER_TOKEN_BOUND = 12  # generous: read at most this many characters per needed token
+
+
+@dataclass
+class Batches:
+    """Evaluation / calibration batches and what they are."""
+
+    batches: list[dict[str, torch.Tensor]]
+    description: str
+    composition: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(len(next(iter(b.values()))) for b in self.batches)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(b["attention_mask"].sum()) for b in self.batches if "attention_mask" in b)
+
+    def describe(self) -> dict[str, Any]:
+        return {"description": self.description, "sequences": self.num_sequences, "tokens": self.num_tokens, **self.composition}
+
+
+def builtin_text() -> tuple[str, str]:
+    """Real English prose that ships with every Python: the language reference topics (~465 KB)."""
+    from pydoc_data import topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return text, f"built-in: Python language reference (pydoc_data.topics, {len(text):,} characters)"
+
+
+def read_text(cfg: DataConfig, max_chars: int | None = None) -> tuple[str, str, dict[str, Any]]:
+    """The text named by cfg (file, folder, dataset or the built-in default) -> (text, description, composition)."""
+    if cfg.dataset:
+        return _read_dataset(cfg.dataset, max_chars)
+    if cfg.path is None:
+        text, desc = builtin_text()
+        return text, desc, {}
+    path = Path(cfg.path)
+    if not path.exists():
+        raise ProbeError(f"data path {path} does not exist")
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob(cfg.include) if p.is_file())
+        if not files:
+            raise ProbeError(f"no files matching {cfg.include!r} under {path}; set --include")
+    parts: list[str] = []
+    by_suffix: dict[str, int] = {}
+    total = 0
+    for file in files:
+        try:
+            chunk = file.read_text(encoding="utf-8", errors="replace")
+        except OSError as err:
+            raise ProbeError(f"cannot read {file}: {err.strerror or err}") from None
+        if not chunk.strip():
+            continue
+        parts.append(chunk)
+        by_suffix[file.suffix or "(none)"] = by_suffix.get(file.suffix or "(none)", 0) + len(chunk)
+        total += len(chunk)
+        if max_chars is not None and total >= max_chars:
+            break
+    text = "\n\n".join(parts)
+    if not text.strip():
+        raise ProbeError(f"data {path} contains no text")
+    desc = f"{path} ({len(parts)} file{'s' if len(parts) != 1 else ''}, {total:,} characters)"
+    return text, desc, {"files": len(parts), "characters_by_suffix": by_suffix}
+
+
+def _read_dataset(spec: str, max_chars: int | None) -> tuple[str, str, dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("--dataset needs the `datasets` package: pip install 'outlier-probe[hub]'") from None
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "validation")
+    except Exception as err:  # noqa: BLE001 - offline or unknown dataset: one clear line
+        raise ProbeError(f"could not load dataset {spec!r} ({str(err).splitlines()[0][:160]}); use --data with a local file") from None
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    parts, total = [], 0
+    for row in ds[column]:
+        if row and str(row).strip():
+            parts.append(str(row))
+            total += len(parts[-1])
+            if max_chars is not None and total >= max_chars:
+                break
+    if not parts:
+        raise ProbeError(f"dataset {spec!r} has no text in column {column!r}")
+    return "\n".join(parts), f"dataset {spec} ({total:,} characters)", {}
+
+
+def special_overhead(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer adds around one sequence ([CLS]/[SEP], BOS, ...)."""
+    try:
+        return len(tokenizer.build_inputs_with_special_tokens([]))
+    except Exception:  # noqa: BLE001 - tokenizers without the method add nothing
+        return 0
+
+
+def text_batches(tokenizer: Any, cfg: DataConfig, max_positions: int | None = None) -> Batches:
+    """Tokenize, pack into non-overlapping sequences of cfg.seq_len tokens, pick cfg.samples of them (seeded)."""
+    if tokenizer is None:
+        raise ProbeError("this checkpoint has no tokenizer; pass --tokenizer DIR")
+    if max_positions is not None and cfg.seq_len > max_positions:
+        raise UsageError(f"--seq-len {cfg.seq_len} is longer than the model's {max_positions} positions; use --seq-len {max_positions} or less")
+    extra = special_overhead(tokenizer)
+    body = cfg.seq_len - extra
+    if body < 1:
+        raise UsageError(f"--seq-len {cfg.seq_len} leaves no room next to the tokenizer's {extra} special tokens")
+    needed = (cfg.samples + cfg.offset) * body
+    text, desc, composition = read_text(cfg, max_chars=max(needed * _CHARS_PER_TOKEN_BOUND, 1_000_000))
+    ids = _tokenize(tokenizer, text)
+    available = len(ids) // body
+    if available < cfg.samples + cfg.offset:
+        raise ProbeError(
+            f"data has {len(ids):,} tokens: room for {available} sequences of {body} tokens, but "
+            f"--samples {cfg.samples} (+ offset {cfg.offset}) were asked for; use fewer --samples or a shorter --seq-len"
+        )
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(cfg.seed))
+    chosen = order[cfg.offset : cfg.offset + cfg.samples].sort().values
+    ids_t = torch.tensor(ids[: available * body], dtype=torch.long).view(available, body)[chosen]
+    rows = [tokenizer.build_inputs_with_special_tokens(r.tolist()) if extra else r.tolist() for r in ids_t]
+    input_ids = torch.tensor(rows, dtype=torch.long)  # (N, seq_len)
+    assert input_ids.shape == (cfg.samples, cfg.seq_len), input_ids.shape
+    batches = [
+        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        for chunk in input_ids.split(cfg.batch_size)
+    ]
+    composition = {**composition, "seq_len": cfg.seq_len, "seed": cfg.seed, "offset": cfg.offset, "corpus_tokens": len(ids)}
+    return Batches(batches, desc, composition)
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    # Tokenize in paragraph blocks: fast tokenizers are quick, and we avoid the model-length warning.
+    blocks, ids = text.split("\n\n"), []
+    step = 200
+    for i in range(0, len(blocks), step):
+        piece = "\n\n".join(blocks[i : i + step])
+        if i + step < len(blocks):
+            piece += "\n\n"
+        ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+    return ids
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    _zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if dtype != 0x08:
+        raise ProbeError(f"{path}: only unsigned-byte idx files are supported")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*shape)
+
+
+def load_images(path: Path) -> tuple[list[Any], torch.Tensor, list[str], str]:
+    """An image folder (class sub-folders) or an idx pair (MNIST-style *-images-idx3-ubyte[.gz])."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise ProbeError(f"image data {path} does not exist")
+    idx_images = sorted(path.glob("*images-idx3-ubyte*")) if path.is_dir() else ([path] if "idx3" in path.name else [])
+    if idx_images:
+        image_file = next((p for p in idx_images if "t10k" in p.name), idx_images[0])
+        label_file = Path(str(image_file).replace("images-idx3", "labels-idx1"))
+        if not label_file.exists():
+            raise ProbeError(f"labels file {label_file.name} missing next to {image_file.name}")
+        pixels, labels = _read_idx(image_file), _read_idx(label_file).long()
+        images = [Image.fromarray(p.numpy()).convert("RGB") for p in pixels]
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+        return images, labels, classes, f"{image_file} ({len(images):,} images)"
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise ProbeError(f"{path} has no class sub-folders of images")
+    images, labels = [], []
+    for idx, cls in enumerate(classes):
+        for file in sorted((path / cls).iterdir()):
+            if file.suffix.lower() in _IMAGE_SUFFIXES:
+                images.append(Image.open(file).convert("RGB"))
+                labels.append(idx)
+    if not images:
+        raise ProbeError(f"no images under {path}")
+    return images, torch.tensor(labels), classes, f"{path} ({len(images):,} images, {len(classes)} classes)"
+
+
+def image_batches(processor: Any, cfg: DataConfig, image_size: int | None = None) -> Batches:
+    """Seeded sample of cfg.samples images, preprocessed by the checkpoint's image processor."""
+    if cfg.path is None:
+        raise UsageError("vision models need --data: an image folder with one sub-folder per class, or MNIST-style idx files")
+    images, labels, classes, desc = load_images(cfg.path)
+    if len(images) < cfg.samples + cfg.offset:
+        raise ProbeError(f"{cfg.path} has {len(images)} images; --samples {cfg.samples} (+ offset {cfg.offset}) asked for more")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    chosen = order[cfg.offset : cfg.offset + cfg.samples].sort().values.tolist()
+    pixels = _preprocess([images[i] for i in chosen], processor, image_size)
+    picked = labels[chosen]
+    batches = [
+        {"pixel_values": p, "labels": y}
+        for p, y in zip(pixels.split(cfg.batch_size), picked.split(cfg.batch_size))
+    ]
+    return Batches(batches, desc, {"classes": classes, "seed": cfg.seed, "offset": cfg.offset})
+
+
+def _preprocess(images: list[Any], processor: Any, image_size: int | None) -> torch.Tensor:
+    if processor is not None and hasattr(processor, "__call__") and not hasattr(processor, "encode"):
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+    # no image processor saved: resize and scale to [-1, 1] (the ViT default normalisation)
+    size = image_size or 224
+    out = torch.stack(
+        [torch.frombuffer(bytearray(im.resize((size, size)).tobytes()), dtype=torch.uint8).view(size, size, 3) for im in images]
+    )
+    return out.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W)
+
+
+def batches_for_model(processor: Any, info: Any, cfg: DataConfig, image_size: int | None = None) -> Batches:
+    """Text batches for language models, image batches for vision models (info: arch.ModelInfo)."""
+    if info.is_vision:
+        return image_batches(processor, cfg, image_size)
+    return text_batches(processor, cfg, info.max_positions)

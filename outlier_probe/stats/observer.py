@@ -1,0 +1,231 @@
+"""Per-site outlier observer: O(1) streaming state, updated on the model's device without host syncs.
+
+Input layout: the FIRST dim indexes sequences (batch), the LAST dim indexes channels; everything in
+between is flattened into the sequence: (B, T, d), (B, d), (B, C, H, W) -> sequence b = x[b].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from outlier_probe.config import ObserverConfig
+from outlier_probe.stats.moments import StreamingMoments, moments_result, row_central_moments
+
+_F64 = torch.float64
+PAPER_EPS = 1e-6  # added to std^4 in the reference code of Bondarenko et al. and OutEffHop
+# Upper bound on float64 elements processed at once, so temporaries stay bounded for huge
+# activations; whole sequences are never split, so this only groups sequences.
+_CHUNK_ELEMENTS = 1 << 23
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "paper_kurtosis": "mean over sequences b of mean((x_b - mean(x_b))^4) / (std(x_b)^4 + 1e-6), "
+    "x_b = all values of sequence b, std unbiased (n-1); Pearson (Gaussian = 3)",
+    "paper_inf_norm": "mean over sequences b of max |x_b|",
+    "max_abs": "max |x| over every value seen",
+    "mean/var/std": "over every value seen; var unbiased (n-1); merged central moments in float64",
+    "kurtosis": "Pearson population kurtosis over every value seen, n*M4/M2^2 (Gaussian = 3)",
+    "frac_gt_threshold": "fraction of values with |x| > threshold",
+    "frac_gt_ksigma": "fraction of values with |x_b - mean(x_b)| > k * std(x_b), "
+    "per-sequence mean and unbiased std (exactly mergeable, unlike a global sigma)",
+    "top_channels": "channels (last dim) with the largest max |x|, largest first",
+    "hist_counts": "counts of |x|: [< edge0 (incl. 0), [edge_i, edge_i+1) ..., >= last edge (incl. NaN/inf)]",
+}
+
+
+def default_hist_edges() -> Tensor:
+    """10^-4 .. 10^4, 4 bins per decade (33 edges)."""
+    return torch.logspace(-4, 4, 33, dtype=_F64)
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """Everything measured at one site (host values; NaN where undefined, e.g. nothing seen)."""
+
+    n_sequences: int
+    count: int
+    mean: float
+    var: float  # unbiased
+    std: float
+    kurtosis: float  # Pearson
+    excess_kurtosis: float
+    paper_kurtosis: float
+    paper_inf_norm: float
+    max_abs: float
+    frac_gt_threshold: float
+    frac_gt_ksigma: float
+    top_channels: tuple[tuple[int, float], ...]  # (channel id, absmax), largest first
+    hist_edges: tuple[float, ...]
+    hist_counts: tuple[int, ...]  # len(hist_edges) + 1: underflow, bins, overflow
+    n_nonfinite: int
+
+    def to_row(self) -> dict[str, int | float | str]:
+        """The stats.csv columns n_sequences .. top_channels (docs/report-format.md)."""
+        return {
+            "n_sequences": self.n_sequences,
+            "count": self.count,
+            "mean": self.mean,
+            "var": self.var,
+            "std": self.std,
+            "kurtosis": self.kurtosis,
+            "excess_kurtosis": self.excess_kurtosis,
+            "paper_kurtosis": self.paper_kurtosis,
+            "paper_inf_norm": self.paper_inf_norm,
+            "max_abs": self.max_abs,
+            "frac_gt_threshold": self.frac_gt_threshold,
+            "frac_gt_ksigma": self.frac_gt_ksigma,
+            "top_channels": ";".join(f"{i}:{v:.6g}" for i, v in self.top_channels),
+        }
+
+
+class OutlierObserver:
+    """Streaming outlier statistics of one hooked activation.
+
+    State is allocated on the first update on the input's device and never grows with tokens.
+    update() never syncs the host; result() syncs once. State tensors are replaced rather than
+    modified in place, so updates also work on inference-mode tensors.
+    Sequences with a single value have NaN std, so their paper kurtosis is NaN (as the reference)
+    and they never count as k-sigma outliers.
+    """
+
+    def __init__(self, config: ObserverConfig = ObserverConfig(), hist_edges: Tensor | None = None) -> None:
+        edges = default_hist_edges() if hist_edges is None else hist_edges.detach().to("cpu", _F64)
+        if edges.dim() != 1 or edges.numel() < 1:
+            raise ValueError(f"hist_edges must be a non-empty 1-D tensor, got shape {tuple(edges.shape)}")
+        if not bool(torch.isfinite(edges).all()) or not bool((edges[1:] > edges[:-1]).all()):
+            raise ValueError("hist_edges must be finite and strictly increasing")
+        self.config = config
+        self.hist_edges = edges  # moved to the input's device on the first update
+        self._edges_host: tuple[float, ...] = tuple(edges.tolist())  # so result() needs no extra sync
+        self.moments = StreamingMoments()
+        self.n_sequences = 0  # from shapes only, so a Python int costs no sync
+        self._channels: int | None = None
+        self._s: dict[str, Tensor] = {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """All state tensors (empty before the first update)."""
+        return {**self._s, **{f"moments.{k}": v for k, v in self.moments.state_dict().items()}}
+
+    def _init_state(self, channels: int, device: torch.device) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = _F64) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.hist_edges = self.hist_edges.to(device)
+        self._channels = channels
+        self._s = {
+            "paper_kurtosis_sum": zeros(),
+            "paper_inf_norm_sum": zeros(),
+            "max_abs": zeros(),
+            "channel_absmax": zeros(channels),
+            "n_gt_threshold": zeros(dtype=torch.int64),
+            "n_gt_ksigma": zeros(dtype=torch.int64),
+            "n_nonfinite": zeros(dtype=torch.int64),
+            "hist_counts": zeros(self.hist_edges.numel() + 1, dtype=torch.int64),
+        }
+
+    def update(self, x: Tensor) -> None:
+        """Accumulate one activation tensor (first dim = sequences, last = channels); x is not modified."""
+        if x.dim() < 2:
+            raise ValueError(f"expected (sequences, ..., channels) with >= 2 dims, got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            return
+        channels = x.shape[-1]
+        if self._channels is None:
+            self._init_state(channels, x.device)
+        elif channels != self._channels:
+            raise ValueError(f"channel dim changed from {self._channels} to {channels} between updates")
+        elif x.device != self.hist_edges.device:
+            raise ValueError(f"observer state is on {self.hist_edges.device}, input on {x.device}")
+        seqs = x.detach().reshape(x.shape[0], -1)  # (B, n): sequence b = x[b] flattened
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // seqs.shape[1])
+        for chunk in seqs.split(rows_per_chunk):
+            self._update_rows(chunk.to(_F64), channels)
+        self.n_sequences += x.shape[0]
+
+    def _update_rows(self, rows: Tensor, channels: int) -> None:
+        """rows: (R, n) float64, never written to (it may be the caller's own tensor)."""
+        s, cfg = self._s, self.config
+        n = rows.shape[1]
+        mean, m2, m3, m4 = row_central_moments(rows)  # each (R,)
+        self.moments.add_central(n, mean, m2, m3, m4)
+        std = (m2 / (n - 1)).sqrt() if n > 1 else torch.full_like(m2, math.nan)  # unbiased, as the reference
+        k = (m4 / n) / (std**4 + PAPER_EPS)
+        s["paper_kurtosis_sum"] = s["paper_kurtosis_sum"] + k.sum()
+        outside = (rows - mean.unsqueeze(1)).abs() > cfg.sigma_k * std.unsqueeze(1)  # (R, n)
+        s["n_gt_ksigma"] = s["n_gt_ksigma"] + outside.sum()
+
+        absx = rows.abs()  # (R, n)
+        seq_max = absx.amax(dim=1)  # (R,)
+        s["paper_inf_norm_sum"] = s["paper_inf_norm_sum"] + seq_max.sum()
+        s["max_abs"] = torch.maximum(s["max_abs"], seq_max.amax())
+        s["channel_absmax"] = torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0))
+        s["n_gt_threshold"] = s["n_gt_threshold"] + (absx > cfg.threshold).sum()
+        s["n_nonfinite"] = s["n_nonfinite"] + (~torch.isfinite(rows)).sum()
+        # right=True: bin i holds edges[i-1] <= |x| < edges[i]; 0 and NaN/inf fall in the end bins.
+        idx = torch.bucketize(absx, self.hist_edges, right=True).reshape(-1)
+        ones = torch.ones((), dtype=torch.int64, device=idx.device).expand(idx.numel())
+        s["hist_counts"] = s["hist_counts"].index_add(0, idx, ones)
+
+    def merge(self, other: OutlierObserver) -> None:
+        """Fold in another observer of the same site (other batches / processes); `other` is unchanged."""
+        if (other.config.threshold, other.config.sigma_k) != (self.config.threshold, self.config.sigma_k):
+            raise ValueError("cannot merge observers with different threshold / sigma_k")
+        if other._edges_host != self._edges_host:
+            raise ValueError("cannot merge observers with different histogram edges")
+        if other._channels is None:
+            return
+        if self._channels is None:
+            self._init_state(other._channels, other.hist_edges.device)
+        elif other._channels != self._channels:
+            raise ValueError(f"cannot merge observers with {self._channels} and {other._channels} channels")
+        device = self.hist_edges.device
+        for name, mine in self._s.items():
+            theirs = other._s[name].to(device)
+            is_max = name in ("max_abs", "channel_absmax")
+            self._s[name] = torch.maximum(mine, theirs) if is_max else mine + theirs
+        self.moments.merge(other.moments)
+        self.n_sequences += other.n_sequences
+
+    def result(self, top_k: int | None = None) -> SiteStats:
+        """Host-side summary, one device->host transfer. Empty observer: counts 0, NaN floats."""
+        top_k = self.config.top_k if top_k is None else top_k
+        edges = self._edges_host
+        if self._channels is None:
+            nan = math.nan
+            zeros = (0,) * (len(edges) + 1)
+            return SiteStats(0, 0, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, (), edges, zeros, 0)
+        s = self._s
+        top_vals, top_ids = s["channel_absmax"].topk(min(top_k, self._channels))
+        mom = self.moments.state_dict()
+        scalars = [mom[k] for k in ("count", "mean", "m2", "m3", "m4")]
+        scalars += [s[k].to(_F64) for k in ("paper_kurtosis_sum", "paper_inf_norm_sum", "max_abs")]
+        scalars += [s[k].to(_F64) for k in ("n_gt_threshold", "n_gt_ksigma", "n_nonfinite")]
+        # One transfer; int64 counters are exact in float64 below 2^53.
+        packed = torch.cat([torch.stack(scalars), s["hist_counts"].to(_F64), top_vals, top_ids.to(_F64)])
+        vals = packed.cpu().tolist()
+        count, mean, m2, m3, m4, k_sum, inf_sum, max_abs, n_thr, n_ksig, n_bad = vals[:11]
+        hist = vals[11 : 11 + len(edges) + 1]
+        k = len(top_vals)
+        tv, ti = vals[-2 * k : -k] if k else [], vals[-k:] if k else []
+        m = moments_result(count, mean, m2, m3, m4)
+        return SiteStats(
+            n_sequences=self.n_sequences,
+            count=m.count,
+            mean=m.mean,
+            var=m.var,
+            std=m.std,
+            kurtosis=m.kurtosis,
+            excess_kurtosis=m.excess_kurtosis,
+            paper_kurtosis=k_sum / self.n_sequences,
+            paper_inf_norm=inf_sum / self.n_sequences,
+            max_abs=max_abs,
+            frac_gt_threshold=n_thr / m.count,
+            frac_gt_ksigma=n_ksig / m.count,
+            top_channels=tuple((int(i), v) for i, v in zip(ti, tv)),
+            hist_edges=edges,
+            hist_counts=tuple(int(c) for c in hist),
+            n_nonfinite=int(n_bad),
+        )
