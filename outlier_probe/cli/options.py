@@ -9,7 +9,7 @@ import typer
 
 from outlier_probe.config import AttentionVariant, DataConfig, Device, DType, LoadConfig
 
-Checkpoint = Annotated[str, typer.Argument(help="Checkpoint: a Hugging Face folder, a .gguf file, or a hub id.", show_default=False)]
+Checkpoint = Annotated[str, typer.Argument(help="Checkpoint: a Hugging Face folder, a .gguf file, a hub id, or `minilm` (the built-in all-MiniLM-L6-v2).")]
 DataPath = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of text files (see --include), or image folder. Default: built-in English text.")]
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]] (needs `datasets` and network).")]
 Include = Annotated[str, typer.Option("--include-files", help="Glob for files inside a --data folder (searched recursively).")]

@@ -18,7 +18,7 @@ from outlier_probe.config import DEFAULT_SITE_KINDS, Device, DType, ObserverConf
 @app.command("stats")
 @guarded
 def stats(
-    checkpoint: o.Checkpoint,
+    checkpoint: o.Checkpoint = "minilm",
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",

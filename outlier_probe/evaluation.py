@@ -1,0 +1,211 @@
+"""Perplexity, accuracy and hidden-state fidelity: the metric a quantized model is judged by.
+
+The float and the quantized model are always scored on the very same batches (masks included).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from outlier_probe.arch import Task
+from outlier_probe.errors import ProbeError, UsageError
+
+Batch = dict[str, torch.Tensor]
+Progress = Callable[[int, int], None]
+
+MLM_PROBABILITY = 0.15
+
+
+class MetricName(str, enum.Enum):
+    perplexity = "perplexity"  # causal LM, token level
+    mlm_perplexity = "mlm_perplexity"  # masked LM, over masked positions
+    accuracy = "accuracy"  # image classification, top-1
+    hidden_cosine = "hidden_cosine"  # encoder without a head: fidelity of the last hidden state vs float
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self in (MetricName.accuracy, MetricName.hidden_cosine)
+
+
+METRIC_NOTES = {
+    MetricName.perplexity: "token-level perplexity exp(mean NLL of next-token predictions) over non-overlapping "
+    "sequences; not lm-eval's word-level document perplexity",
+    MetricName.mlm_perplexity: "exp(mean NLL over masked positions); 15% of non-special tokens masked "
+    "(80% [MASK], 10% random, 10% kept), fixed seed, identical masks for float and quantized",
+    MetricName.accuracy: "top-1 accuracy",
+    MetricName.hidden_cosine: "no head to score: mean cosine similarity of the last hidden state per token vs the "
+    "float model (relative error reported too)",
+}
+
+
+@dataclass(frozen=True)
+class Score:
+    metric: MetricName
+    value: float
+    extra: dict[str, float] | None = None
+
+
+def metric_for(task: Task) -> MetricName:
+    return {
+        Task.causal_lm: MetricName.perplexity,
+        Task.masked_lm: MetricName.mlm_perplexity,
+        Task.image_classification: MetricName.accuracy,
+        Task.encoder: MetricName.hidden_cosine,
+    }[task]
+
+
+def require_metric(task: Task, wanted: MetricName | None) -> MetricName:
+    """The metric for a task; asking for one the model cannot give is a usage error."""
+    metric = metric_for(task)
+    if wanted is not None and wanted is not metric:
+        if wanted in (MetricName.perplexity, MetricName.mlm_perplexity) and task is Task.encoder:
+            raise UsageError(
+                "this checkpoint has no LM head, so it has no perplexity; drop --metric to get hidden-state fidelity instead"
+            )
+        raise UsageError(f"--metric {wanted.value} does not fit a {task.value} model; it gives {metric.value}")
+    return metric
+
+
+def mask_for_mlm(batches: Sequence[Batch], tokenizer: Any, seed: int) -> list[Batch]:
+    """BERT-style 15% masking with a fixed seed; returns new batches with `labels` (-100 where unmasked)."""
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise ProbeError("the tokenizer has no [MASK] token, so masked-LM perplexity cannot be measured")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    vocab = len(tokenizer)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in batches:
+        ids = batch["input_ids"]
+        probs = torch.full(ids.shape, MLM_PROBABILITY)
+        probs[torch.isin(ids, special)] = 0.0
+        masked = torch.bernoulli(probs, generator=gen).bool()
+        labels = torch.where(masked, ids, torch.full_like(ids, -100))
+        replace = torch.bernoulli(torch.full(ids.shape, 0.8), generator=gen).bool() & masked
+        randomize = torch.bernoulli(torch.full(ids.shape, 0.5), generator=gen).bool() & masked & ~replace
+        new_ids = ids.clone()
+        new_ids[replace] = mask_id
+        new_ids[randomize] = torch.randint(vocab, ids.shape, generator=gen)[randomize]
+        out.append({**batch, "input_ids": new_ids, "labels": labels})
+    return out
+
+
+def _inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+@torch.inference_mode()
+def causal_perplexity(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> Score:
+    device = next(model.parameters()).device
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for i, batch in enumerate(batches):
+        logits = model(**_inputs(batch, device)).logits.float()  # (B, T, V)
+        ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
+        shift_logits, shift_ids = logits[:, :-1], ids[:, 1:]
+        keep = mask[:, 1:].bool()
+        losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_ids.reshape(-1), reduction="none")
+        nll += losses[keep.reshape(-1)].double().sum()
+        count += int(keep.sum())
+        if progress:
+            progress(i + 1, len(batches))
+    return Score(MetricName.perplexity, _exp_mean(nll, count), {"tokens": float(count), "nll": float(nll) / max(count, 1)})
+
+
+@torch.inference_mode()
+def mlm_perplexity(model: nn.Module, masked_batches: Sequence[Batch], progress: Progress | None = None) -> Score:
+    device = next(model.parameters()).device
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for i, batch in enumerate(masked_batches):
+        logits = model(**_inputs(batch, device)).logits.float()
+        labels = batch["labels"].to(device)
+        keep = labels != -100
+        nll += F.cross_entropy(logits[keep], labels[keep], reduction="sum").double()
+        count += int(keep.sum())
+        if progress:
+            progress(i + 1, len(masked_batches))
+    return Score(MetricName.mlm_perplexity, _exp_mean(nll, count), {"masked_tokens": float(count)})
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> Score:
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    for i, batch in enumerate(batches):
+        logits = model(**_inputs(batch, device)).logits
+        correct += (logits.argmax(-1) == batch["labels"].to(device)).sum()
+        total += len(batch["labels"])
+        if progress:
+            progress(i + 1, len(batches))
+    return Score(MetricName.accuracy, int(correct) / max(total, 1), {"images": float(total)})
+
+
+def _last_hidden(output: Any) -> torch.Tensor:
+    if hasattr(output, "last_hidden_state") and output.last_hidden_state is not None:
+        return output.last_hidden_state
+    if hasattr(output, "hidden_states") and output.hidden_states:
+        return output.hidden_states[-1]
+    return output[0]
+
+
+@torch.inference_mode()
+def hidden_states(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [_last_hidden(model(**_inputs(b, device))).float().cpu() for b in batches]
+
+
+@torch.inference_mode()
+def hidden_fidelity(model: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor],
+                    progress: Progress | None = None) -> Score:
+    """Mean per-token cosine similarity and relative L2 error of the last hidden state vs `reference`."""
+    device = next(model.parameters()).device
+    cos_sum, err_num, err_den, tokens = 0.0, 0.0, 0.0, 0
+    for i, (batch, ref) in enumerate(zip(batches, reference)):
+        out = _last_hidden(model(**_inputs(batch, device))).float().cpu()
+        cos_sum += float(F.cosine_similarity(out, ref, dim=-1).double().sum())
+        err_num += float((out - ref).double().pow(2).sum())
+        err_den += float(ref.double().pow(2).sum())
+        tokens += out.shape[0] * out.shape[1]
+        if progress:
+            progress(i + 1, len(batches))
+    return Score(MetricName.hidden_cosine, cos_sum / max(tokens, 1), {"relative_error": math.sqrt(err_num / max(err_den, 1e-30))})
+
+
+def _exp_mean(nll: torch.Tensor, count: int) -> float:
+    if count == 0:
+        raise ProbeError("no tokens were scored; use longer sequences or more samples")
+    mean = float(nll) / count
+    return math.exp(mean) if mean < 700 else math.inf
+
+
+class Evaluator:
+    """Scores models on fixed batches; prepares masks / float references once so every model sees the same."""
+
+    def __init__(self, task: Task, batches: Sequence[Batch], tokenizer: Any = None, seed: int = 0,
+                 metric: MetricName | None = None) -> None:
+        self.metric = require_metric(task, metric)
+        self.batches = list(batches)
+        if self.metric is MetricName.mlm_perplexity:
+            self.batches = mask_for_mlm(self.batches, tokenizer, seed)
+        self.reference: list[torch.Tensor] | None = None
+
+    def __call__(self, model: nn.Module, progress: Progress | None = None) -> Score:
+        if self.metric is MetricName.perplexity:
+            return causal_perplexity(model, self.batches, progress)
+        if self.metric is MetricName.mlm_perplexity:
+            return mlm_perplexity(model, self.batches, progress)
+        if self.metric is MetricName.accuracy:
+            return accuracy(model, self.batches, progress)
+        if self.reference is None:  # the first model scored (the float one) is the reference
+            self.reference = hidden_states(model, self.batches)
+        return hidden_fidelity(model, self.batches, self.reference, progress)
