@@ -139,6 +139,15 @@ def _check_weights_present(path: Path) -> None:
         raise ProbeError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
 
 
+def weights_folder(source: str) -> tuple[Path | str, bool]:
+    """(folder or hub id holding the weights, whether it is a GGUF checkpoint)."""
+    kind, path = _classify_source(source)
+    if kind == "gguf":
+        assert path is not None
+        return path.parent, True
+    return (path if path is not None else source), False
+
+
 def load_config(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 

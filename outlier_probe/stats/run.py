@@ -46,9 +46,10 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torc
     return model(**inputs)
 
 
-def measure_sites(loaded: LoadedModel, batches: Batches, cfg: StatsConfig, progress: Progress | None = None) -> list[SiteResult]:
-    """Hook the selected sites, run every batch once, return per-site statistics."""
-    sites = arch.find_sites(loaded.model, cfg.sites)
+def measure_sites(loaded: LoadedModel, batches: Batches, cfg: StatsConfig, progress: Progress | None = None,
+                  sites: list[arch.Site] | None = None) -> list[SiteResult]:
+    """Hook the selected sites (or the `sites` given), run every batch once, return per-site statistics."""
+    sites = arch.find_sites(loaded.model, cfg.sites) if sites is None else sites
     if not sites:
         kinds = ", ".join(k.value for k in cfg.sites.kinds)
         raise UsageError(f"no {loaded.info.family.value} sites match --sites {kinds} with the include/exclude patterns given")

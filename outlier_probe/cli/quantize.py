@@ -1,0 +1,105 @@
+"""`outlier-probe quantize CKPT`: W8A8 post-training quantization and the degradation it causes."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from outlier_probe.cli import options as o
+from outlier_probe.cli.app import app, guarded
+from outlier_probe.cli.progress import batch_progress
+from outlier_probe.config import Device, DType
+from outlier_probe.errors import UsageError
+from outlier_probe.evaluation import MetricName
+from outlier_probe.quant.quantizer import Estimator
+from outlier_probe.quant.recipes import Backend, QuantConfig, Recipe
+
+
+def recipes_from_options(recipe: list[str] | None, bits: int | None, w_bits: int | None, a_bits: int | None,
+                         per_channel: bool, w_estimator: Estimator | None, a_estimator: Estimator | None,
+                         percentile: float, calib_batches: int) -> tuple[QuantConfig, ...]:
+    """CLI options -> recipes. --bits sets both widths; --w-bits / --a-bits override it."""
+    if bits is not None and not 2 <= bits <= 16:
+        raise UsageError(f"--bits must be between 2 and 16, got {bits}")
+    names = recipe or [Recipe.paper.value]
+    out = []
+    for name in names:
+        try:
+            rec = Recipe(name)
+        except ValueError:
+            raise UsageError(f"unknown --recipe {name!r}; choose from {', '.join(r.value for r in Recipe)}") from None
+        out.append(QuantConfig(
+            recipe=rec,
+            w_bits=w_bits or bits or 8,
+            a_bits=a_bits or bits or 8,
+            per_channel=per_channel,
+            w_estimator=w_estimator or Estimator.minmax,
+            a_estimator=a_estimator or Estimator.running_minmax,
+            percentile=percentile,
+            calib_batches=calib_batches,
+        ))
+    return tuple(out)
+
+
+@app.command("quantize")
+@guarded
+def quantize(
+    checkpoint: o.Checkpoint = "minilm",
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Bit width of weights and activations (2-16).")] = None,
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", help="paper (W8A8 of the papers) or linear (Linear weights+inputs only); repeatable.")] = None,
+    w_bits: Annotated[Optional[int], typer.Option("--w-bits", help="Weight bits (overrides --bits).")] = None,
+    a_bits: Annotated[Optional[int], typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Weights per output channel instead of per tensor.")] = False,
+    w_estimator: Annotated[Optional[Estimator], typer.Option("--w-estimator", help="Weight range estimator.")] = None,
+    a_estimator: Annotated[Optional[Estimator], typer.Option("--a-estimator", help="Activation range estimator.")] = None,
+    percentile: Annotated[float, typer.Option("--percentile", help="Upper percentile for the percentile estimator.")] = 99.999,
+    calib_batches: Annotated[int, typer.Option("--calib-batches", help="Calibration batches (taken after the evaluation sequences).")] = 4,
+    backend: Annotated[Optional[list[Backend]], typer.Option("--backend", help="Also run a real backend: bnb-int8 (LLM.int8).")] = None,
+    metric: Annotated[Optional[MetricName], typer.Option("--metric", help="Metric to require (default: the model's natural one).")] = None,
+    data: o.DataPath = None,
+    dataset: o.Dataset = None,
+    include_files: o.Include = "*.txt",
+    samples: o.Samples = 32,
+    seq_len: o.SeqLen = 128,
+    batch_size: o.BatchSize = 8,
+    seed: o.Seed = 0,
+    dtype: o.Dtype = DType.float32,
+    device: o.DeviceOpt = Device.cpu,
+    trust_remote_code: o.TrustRemote = False,
+    attention: o.Attention = None,
+    tokenizer: o.Tokenizer = None,
+    out: o.Out = None,
+    quiet: o.Quiet = False,
+    as_json: o.Json = False,
+) -> None:
+    """Simulated W8A8 (or other widths) and optional LLM.int8: float vs quantized metric, per-site SQNR."""
+    from outlier_probe.quant.run import QuantizeConfig, run_quantize
+    from outlier_probe.report.io import ensure_writable_dir
+    from outlier_probe.report.quant_report import quantize_document, runs_table, sites_table, write_quantize_report
+
+    recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
+    cfg = QuantizeConfig(
+        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
+        data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
+        recipes=recipes,
+        backends=tuple(dict.fromkeys(backend or ())),
+        metric=metric,
+    )
+    target = ensure_writable_dir(o.default_out(checkpoint, out, "-quantize"))
+    quiet = quiet or as_json
+    console = Console(stderr=True, quiet=quiet)
+    with batch_progress(console, "evaluating") as progress:
+        result = run_quantize(cfg, progress=lambda d, t, label: progress(d, t, f"evaluating {label}"))
+    written = write_quantize_report(result, target)
+    if as_json:
+        typer.echo(json.dumps(quantize_document(result), indent=2, default=str))
+        return
+    if not quiet:
+        c = Console()
+        c.print(runs_table(result))
+        if any(r.sites for r in result.runs):
+            c.print(sites_table(result))
+        c.print(f"reports: {', '.join(str(p) for p in written.values())}")

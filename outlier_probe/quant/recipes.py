@@ -1,0 +1,210 @@
+"""Recipes: which modules of a model get which fake quantizer (the model-level verb of quant/).
+
+`paper`  W8A8 as in Bondarenko et al. / OutEffHop: weights of every Linear, norm and embedding
+         (symmetric per-tensor min-max), activations at every Linear and norm output, the attention
+         scores, the softmax output, the context before the output projection, both residual sums
+         and the embedding sum (asymmetric per-tensor running min-max). Heads, the softmax itself and
+         gates stay in float.
+`linear` W8A8 on every Linear's weight and input only (what SmoothQuant-style tools simulate).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from outlier_probe import arch
+from outlier_probe.config import AttentionVariant, SiteKind, SiteSelection
+from outlier_probe.errors import UsageError
+from outlier_probe.quant.modules import ActQuantizer, QuantEmbedding, QuantLinear, QuantNorm
+from outlier_probe.quant.quantizer import Estimator, PerChannel, PerTensor, QuantSpec
+
+
+class Recipe(str, enum.Enum):
+    paper = "paper"
+    linear = "linear"
+
+
+class Backend(str, enum.Enum):
+    fake = "fake"  # simulated quantization with a recipe
+    bnb_int8 = "bnb-int8"  # bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A resolved quantization recipe."""
+
+    recipe: Recipe = Recipe.paper
+    w_bits: int = 8
+    a_bits: int = 8
+    per_channel: bool = False  # weights per output channel instead of per tensor
+    w_estimator: Estimator = Estimator.minmax
+    a_estimator: Estimator = Estimator.running_minmax
+    percentile: float = 99.999
+    momentum: float = 0.9
+    calib_batches: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if not 2 <= bits <= 16:
+                raise UsageError(f"--{name.replace('_', '-')} must be between 2 and 16, got {bits}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise UsageError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.percentile < 50.0:
+            raise UsageError(f"--percentile is the upper percentile (e.g. 99.999), got {self.percentile}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.calib_batches < 1:
+            raise UsageError(f"--calib-batches must be >= 1, got {self.calib_batches}")
+
+    @property
+    def name(self) -> str:
+        return self.recipe.value
+
+    def w_spec(self) -> QuantSpec:
+        return QuantSpec(self.w_bits, symmetric=True, granularity=PerChannel(0) if self.per_channel else PerTensor())
+
+    def a_spec(self) -> QuantSpec:
+        return QuantSpec(self.a_bits, symmetric=False, granularity=PerTensor())
+
+    def act(self) -> ActQuantizer:
+        from outlier_probe.quant.estimators import make_estimator
+
+        spec = self.a_spec()
+        return ActQuantizer(spec, make_estimator(self.a_estimator, spec=spec, momentum=self.momentum, percentile=self.percentile))
+
+    def describe(self) -> str:
+        gran = "per-channel" if self.per_channel else "per-tensor"
+        return (f"{self.recipe.value}: W{self.w_bits} sym {gran} {self.w_estimator.value}, "
+                f"A{self.a_bits} asym per-tensor {self.a_estimator.value}")
+
+
+@dataclass(frozen=True)
+class QuantSite:
+    """One activation quantizer and the stats site it corresponds to (for the SQNR vs outliers table)."""
+
+    name: str  # e.g. "model.decoder.layers.0.fc2:out"
+    kind: str
+    layer: int | None
+    quantizer: ActQuantizer = field(compare=False)
+    stats_site: str | None = None  # name of the matching `stats` site, when there is one
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _layer_of(name: str, blocks: list[str]) -> int | None:
+    for i, block in enumerate(blocks):
+        if name == block or name.startswith(block + "."):
+            return i
+    return None
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant = AttentionVariant.softmax,
+                   variant_params: dict[str, Any] | None = None) -> tuple[nn.Module, list[QuantSite]]:
+    """A fake-quantized deep copy of `model` (the float model is untouched) and its activation sites."""
+    qmodel = copy.deepcopy(model)
+    heads = tuple(arch.head_module_names(qmodel))
+    blocks = [n for n, _ in arch.layer_modules(qmodel)]
+    sites: list[QuantSite] = []
+    w_spec = cfg.w_spec()
+    paper = cfg.recipe is Recipe.paper
+
+    def keep_float(name: str) -> bool:
+        return name.startswith(tuple(h + "." for h in heads)) or name in heads or ".op_gate" in name or name.endswith("op_gate")
+
+    attn_out = {s.module_name for s in arch.find_sites(qmodel, SiteSelection(kinds=(SiteKind.attn_output,)))}
+    modules = [(n, m) for n, m in qmodel.named_modules() if n and not keep_float(n)]
+    for name, module in modules:
+        layer = _layer_of(name, blocks)
+        if arch._is_linear(module):  # noqa: SLF001 - the adapter's own classification
+            act_in = cfg.act() if (not paper or name in attn_out) else None
+            act_out = cfg.act() if paper else None
+            new = QuantLinear.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator,
+                                          input_quantizer=act_in, output_quantizer=act_out)
+            _set_module(qmodel, name, new)
+            if act_in is not None:
+                kind = "context" if paper else SiteKind.linear_input.value
+                sites.append(QuantSite(f"{name}:in", kind, layer, act_in, f"{name}:input"))
+            if act_out is not None:
+                sites.append(QuantSite(f"{name}:out", "linear_output", layer, act_out, name))
+        elif paper and isinstance(module, nn.Embedding):
+            _set_module(qmodel, name, QuantEmbedding.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator))
+        elif paper and arch._is_norm(module):  # noqa: SLF001
+            act_out = cfg.act()
+            _set_module(qmodel, name, QuantNorm.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator,
+                                                             output_quantizer=act_out))
+            sites.append(QuantSite(f"{name}:out", "norm", layer, act_out, name))
+    if paper:
+        sites += _quantize_residuals_and_embeddings(qmodel, cfg)
+        sites += _quantize_attention(qmodel, cfg, variant, variant_params or {})
+    return qmodel, sites
+
+
+def _hook_quantizer(module: nn.Module, attr: str, quantizer: ActQuantizer, capture: Literal["input", "output"]) -> None:
+    """Attach `quantizer` as a submodule and apply it to the module's first input or output via a hook."""
+    setattr(module, attr, quantizer)
+    if capture == "input":
+
+        def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args and isinstance(args[0], torch.Tensor):
+                return (quantizer(args[0]), *args[1:]), kwargs
+            if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+                return args, {**kwargs, "hidden_states": quantizer(kwargs["hidden_states"])}
+            return None
+
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def hook(_m: nn.Module, _args: tuple, output: Any) -> Any:
+            if isinstance(output, torch.Tensor):
+                return quantizer(output)
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                return (quantizer(output[0]), *output[1:])
+            return None
+
+        module.register_forward_hook(hook)
+
+
+def _quantize_residuals_and_embeddings(qmodel: nn.Module, cfg: QuantConfig) -> list[QuantSite]:
+    sites: list[QuantSite] = []
+    selection = SiteSelection(kinds=(SiteKind.residual, SiteKind.block_output))
+    found = arch.find_sites(qmodel, selection)
+    emb = arch.embedding_sum_site(qmodel)
+    for site in ([emb] if emb is not None else []) + found:
+        quantizer = cfg.act()
+        attr = "op_act_in" if site.capture == "input" else "op_act_out"
+        module = qmodel.get_submodule(site.module_name)
+        if hasattr(module, attr):  # a block's input quantizer already set (embedding sum = block 0 input)
+            continue
+        _hook_quantizer(module, attr, quantizer, site.capture)
+        kind = "embedding_sum" if site is emb else site.kind.value
+        sites.append(QuantSite(f"{site.module_name}:{'in' if site.capture == 'input' else 'out'}", kind, site.layer,
+                               quantizer, site.name if site is not emb else None))
+    return sites
+
+
+def _quantize_attention(qmodel: nn.Module, cfg: QuantConfig, variant: AttentionVariant, params: dict[str, Any]) -> list[QuantSite]:
+    from outlier_probe import attention
+
+    modules = arch.attention_modules(qmodel)
+    info = arch.model_info(qmodel)
+    sites: list[QuantSite] = []
+    for i, (name, module) in enumerate(modules):
+        scores, probs = cfg.act(), cfg.act()
+        setattr(module, attention.SCORE_QUANTIZER, scores)
+        setattr(module, attention.PROB_QUANTIZER, probs)
+        sites.append(QuantSite(f"{name}:scores", "attn_scores", i, scores))
+        sites.append(QuantSite(f"{name}:probs", "attn_probs", i, probs))
+    attention.apply_attention_variant(qmodel, variant, modules=modules, hidden_size=info.hidden_size,
+                                      num_heads=info.num_heads, hookable=True, **params)
+    return sites

@@ -1,0 +1,223 @@
+"""`quantize`: load -> fake-quant copy -> calibrate ranges -> evaluate -> compare with float."""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from outlier_probe import arch
+from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, StatsConfig
+from outlier_probe.data import Batches, batches_for_model
+from outlier_probe.errors import ProbeError
+from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
+from outlier_probe.loading import LoadedModel, load_model
+from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, set_mode
+from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quantize_model
+from outlier_probe.stats.run import forward, measure_sites, settings_of
+from outlier_probe.stats.summary import summarize
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    load: LoadConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    recipes: tuple[QuantConfig, ...] = (QuantConfig(),)
+    backends: tuple[Backend, ...] = ()  # real backends run next to the simulated recipes
+    metric: MetricName | None = None
+    site_stats: bool = True  # kurtosis / inf-norm next to each site's SQNR
+
+
+@dataclass
+class RunResult:
+    run: str
+    float_score: Score
+    quant_score: Score
+    recipe: QuantConfig | None
+    sites: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        f, q = self.float_score.value, self.quant_score.value
+        r = self.recipe
+        return {
+            "run": self.run,
+            "metric": self.float_score.metric.value,
+            "higher_is_better": self.float_score.metric.higher_is_better,
+            "float": f,
+            "quantized": q,
+            "abs_change": q - f,
+            "rel_change": (q - f) / f if f else math.nan,
+            "w_bits": r.w_bits if r else 8,
+            "a_bits": r.a_bits if r else 8,
+            "per_channel": r.per_channel if r else False,
+            "w_estimator": r.w_estimator.value if r else "llm.int8",
+            "a_estimator": r.a_estimator.value if r else "dynamic (threshold 6.0)",
+            "description": r.describe() if r else "bitsandbytes LLM.int8: Linear8bitLt, threshold 6.0, fp16 outlier columns",
+        }
+
+
+@dataclass
+class QuantizeResult:
+    model: dict[str, Any]
+    data: dict[str, Any]
+    calibration: dict[str, Any]
+    runs: list[RunResult]
+    settings: dict[str, Any]
+    metric_note: str
+    site_summary: dict[str, Any] | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.row() for r in self.runs]
+
+    def site_rows(self) -> list[dict[str, Any]]:
+        return [{"run": r.run, **s} for r in self.runs for s in r.sites]
+
+
+def calibration_config(data: DataConfig, recipe: QuantConfig) -> DataConfig:
+    """Calibration sequences come from the same source, after the evaluation sequences (disjoint)."""
+    return replace(data, samples=recipe.calib_batches * data.batch_size, offset=data.offset + data.samples)
+
+
+@torch.inference_mode()
+def calibrate(qmodel: nn.Module, batches: Batches) -> None:
+    """Feed calibration batches through the quantizers in calibrating mode, then freeze every range."""
+    set_mode(qmodel, ActMode.calibrating)
+    device = next(qmodel.parameters()).device
+    for batch in batches.batches:
+        forward(qmodel, batch, device)
+    freeze_all(qmodel)
+
+
+class SQNRMeter:
+    """Signal-to-quantization-noise ratio of each activation quantizer during evaluation (no host sync)."""
+
+    def __init__(self, sites: list[QuantSite]) -> None:
+        self.sites = sites
+        self.signal: dict[str, torch.Tensor] = {}
+        self.noise: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> SQNRMeter:
+        for site in self.sites:
+            self.handles.append(site.quantizer.register_forward_hook(self._hook(site.name)))
+        return self
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(_m: ActQuantizer, args: tuple, out: torch.Tensor) -> None:
+            x = args[0].double()
+            s = x.pow(2).sum()
+            n = (x - out.double()).pow(2).sum()
+            self.signal[name] = self.signal[name] + s if name in self.signal else s
+            self.noise[name] = self.noise[name] + n if name in self.noise else n
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def sqnr_db(self, name: str) -> float:
+        if name not in self.signal:
+            return math.nan
+        s, n = float(self.signal[name]), float(self.noise[name])
+        return math.inf if n == 0 else 10.0 * math.log10(max(s, 1e-300) / n)
+
+
+def _stats_sites(model: nn.Module, qsites: list[QuantSite]) -> list[arch.Site]:
+    """Float-model sites matching the quantizers that have a stats counterpart."""
+    out, seen = [], set()
+    for q in qsites:
+        if not q.stats_site or q.stats_site in seen:
+            continue
+        seen.add(q.stats_site)
+        capture = "input" if q.stats_site.endswith(":input") else "output"
+        module_name = q.stats_site.removesuffix(":input")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        from outlier_probe.config import SiteKind
+
+        out.append(arch.Site(q.stats_site, SiteKind.linear_output, q.layer, module, capture, module_name))  # kind unused
+    return out
+
+
+def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> QuantizeResult:
+    """The whole `quantize` job: float score, then for each recipe / backend a calibrated quantized score."""
+    loaded = loaded or load_model(cfg.load)
+    torch.manual_seed(cfg.data.seed)
+    image_size = getattr(loaded.model.config, "image_size", None)
+    batches = batches_for_model(loaded.processor, loaded.info, cfg.data, image_size)
+    evaluator = Evaluator(loaded.info.task, batches.batches, loaded.processor, cfg.data.seed, cfg.metric)
+
+    def step(label: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda d, t: progress(d, t, label))
+
+    float_score = evaluator(loaded.model, step("float"))
+    if not math.isfinite(float_score.value):
+        raise ProbeError(f"the float model's {float_score.metric.value} is not finite; check the checkpoint")
+    runs: list[RunResult] = []
+    calib_desc: dict[str, Any] = {}
+    site_stats: dict[str, Any] = {}
+    for recipe in cfg.recipes:
+        calib = batches_for_model(loaded.processor, loaded.info, calibration_config(cfg.data, recipe), image_size)
+        calib_desc = {**calib.describe(), "batches": len(calib.batches)}
+        qmodel, qsites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params)
+        calibrate(qmodel, calib)
+        with SQNRMeter(qsites) as meter:
+            q_score = evaluator(qmodel, step(recipe.name))
+        missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
+        if cfg.site_stats and missing:
+            found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)
+            site_stats.update({r.site.name: r.stats for r in found})
+        site_rows = []
+        for q in qsites:
+            st = site_stats.get(q.stats_site or "")
+            site_rows.append({
+                "site": q.name, "kind": q.kind, "layer": q.layer, "sqnr_db": meter.sqnr_db(q.name),
+                "paper_kurtosis": st.paper_kurtosis if st else math.nan,
+                "paper_inf_norm": st.paper_inf_norm if st else math.nan,
+                "range_min": float(q.quantizer.min_val), "range_max": float(q.quantizer.max_val),
+            })
+        site_rows.sort(key=lambda r: (math.inf if math.isnan(r["sqnr_db"]) else r["sqnr_db"]))
+        runs.append(RunResult(_run_name(recipe, cfg.recipes), float_score, q_score, recipe, site_rows))
+        del qmodel
+        gc.collect()
+    for backend in cfg.backends:
+        if backend is Backend.bnb_int8:
+            from outlier_probe.quant.bnb import load_int8
+
+            qmodel = load_int8(cfg.load, loaded)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q_score = evaluator(qmodel, step(backend.value))
+            runs.append(RunResult(backend.value, float_score, q_score, None))
+            del qmodel
+            gc.collect()
+    summary = None
+    if site_stats:
+        summary = summarize([{"site": k, "kind": "", "layer": None, **v.to_row()} for k, v in site_stats.items()])
+    return QuantizeResult(
+        model=loaded.describe(),
+        data=batches.describe(),
+        calibration=calib_desc,
+        runs=runs,
+        settings=settings_of(cfg),
+        metric_note=METRIC_NOTES[float_score.metric],
+        site_summary=summary,
+    )
+
+
+def _run_name(recipe: QuantConfig, all_recipes: tuple[QuantConfig, ...]) -> str:
+    same = [r for r in all_recipes if r.recipe is recipe.recipe]
+    if len(same) == 1:
+        return recipe.name
+    gran = "pc" if recipe.per_channel else "pt"
+    return f"{recipe.name}-w{recipe.w_bits}a{recipe.a_bits}-{gran}-{recipe.a_estimator.value}"
