@@ -16,7 +16,7 @@ from rich.table import Table
 
 from outlier_probe import __version__
 from outlier_probe.gate import CheckResult, GateResult
-from outlier_probe.report.io import write_json, write_text
+from outlier_probe.report.io import ensure_writable_dir, write_json, write_text
 
 SUITE_NAME = "outlier-probe gate"
 
@@ -91,18 +91,17 @@ def write_gate_json(result: GateResult, path: Path) -> Path:
 
 
 def config_line(result: GateResult) -> str:
-    """Where the thresholds came from, e.g. `thresholds: pyproject.toml /x/pyproject.toml; flags: max_kurtosis`."""
+    """Where the thresholds came from, e.g. `config file: /x/pyproject.toml; set by flags: max_kurtosis`."""
     resolved = result.resolved
     flags = [k for k, v in resolved.sources.items() if v == "flag"]
-    source = f"config file {resolved.config_file}" if resolved.config_file else "no config file"
-    return f"thresholds from {source}; flags: {', '.join(flags) if flags else 'none'}"
+    return f"config file: {resolved.config_file or 'none'}; set by flags: {', '.join(flags) if flags else 'none'}"
 
 
 def render_table(result: GateResult, console: Console) -> None:
     """Check | threshold | measured | result | worst site (or run)."""
     model = f" for {result.reports.model}" if result.reports.model else ""
     table = Table(title=f"outlier-probe gate{model}", caption=config_line(result))
-    table.add_column("check")
+    table.add_column("check", overflow="fold")
     table.add_column("threshold", justify="right")
     table.add_column("measured", justify="right")
     table.add_column("result", justify="center")
@@ -141,6 +140,7 @@ def junit_xml(result: GateResult) -> str:
 
 def write_junit(result: GateResult, path: Path) -> Path:
     """Write the JUnit XML atomically (CI reads it even when the gate fails)."""
+    ensure_writable_dir(Path(path).parent)
     return write_text(Path(path), junit_xml(result))
 
 

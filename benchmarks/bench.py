@@ -1,0 +1,156 @@
+"""Speed and memory benchmarks. Prints ratios (not absolute timings) against the targets of the issues.
+
+    python benchmarks/bench.py                 # everything (a few minutes on 2 cores)
+    python benchmarks/bench.py hooks memory    # a subset: hooks, memory, quantize, attention
+
+hooks      hooked forward (all default sites) / plain forward      target <= 1.15x
+memory     peak RSS of `stats` with 1024 vs 64 sequences            target <= 1.05x
+quantize   W8A8 paper-recipe evaluation / float evaluation          target <= 1.5x
+attention  softmax1 / vanilla attention: forward time and training throughput   target >= 0.95x
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from outlier_probe import arch
+from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, ObserverConfig, SiteSelection
+from outlier_probe.loading import builtin_checkpoint, load_model, set_attention
+from outlier_probe.models import Arch, Shape, build_config, build_model
+from outlier_probe.stats.hooks import observe
+from outlier_probe.stats.observer import OutlierObserver
+
+torch.manual_seed(0)
+
+
+def opt125m_shape() -> torch.nn.Module:
+    """A random OPT with OPT-125m's shape: 12 layers, d=768, 12 heads, ffn 3072, vocab 50272."""
+    cfg = build_config(Arch.opt, Shape(12, 768, 12), vocab_size=50272, max_positions=2048)
+    return build_model(cfg).eval()
+
+
+def minilm() -> torch.nn.Module:
+    return load_model(LoadConfig(source=str(builtin_checkpoint()))).model
+
+
+def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_hooks() -> None:
+    for name, make, vocab in (("OPT-125m shape", opt125m_shape, 50272), ("MiniLM", minilm, 30522)):
+        model = make()
+        ids = torch.randint(5, vocab, (8, 128))
+        sites = arch.find_sites(model, SiteSelection())
+
+        @torch.inference_mode()
+        def plain() -> None:
+            model(input_ids=ids)
+
+        with observe(sites, lambda _s: OutlierObserver(ObserverConfig())) as hooked:
+            hooked.batch_size = ids.shape[0]
+
+            @torch.inference_mode()
+            def with_hooks() -> None:
+                model(input_ids=ids)
+
+            t_hooked = best_of(with_hooks)
+        t_plain = best_of(plain)
+        print(f"hooks     {name:16s} {len(sites):3d} sites  plain {t_plain * 1e3:7.1f} ms  hooked {t_hooked * 1e3:7.1f} ms  "
+              f"ratio {t_hooked / t_plain:.3f}x  (target <= 1.15x)")
+
+
+_MEMORY_CHILD = """
+import json, resource, sys
+from outlier_probe.config import DataConfig, LoadConfig, StatsConfig
+from outlier_probe.loading import builtin_checkpoint
+from outlier_probe.stats.run import run_stats
+n = int(sys.argv[1])
+cfg = StatsConfig(load=LoadConfig(source=str(builtin_checkpoint())),
+                  data=DataConfig(samples=n, seq_len=64, batch_size=16, path=None))
+run_stats(cfg)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_memory() -> None:
+    peaks = {}
+    for n in (64, 1024):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(n)], capture_output=True, text=True, check=True)
+        peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    print(f"memory    MiniLM stats, 64 seq: {peaks[64]:.0f} MB peak RSS, 1024 seq: {peaks[1024]:.0f} MB  "
+          f"ratio {peaks[1024] / peaks[64]:.3f}x  (target <= 1.05x)")
+
+
+def bench_quantize() -> None:
+    from outlier_probe.evaluation import Evaluator
+    from outlier_probe.arch import Task
+    from outlier_probe.quant.recipes import QuantConfig, quantize_model
+    from outlier_probe.quant.run import calibrate
+    from outlier_probe.data import Batches
+
+    for name, make, vocab, task in (("OPT-125m shape", opt125m_shape, 50272, Task.causal_lm), ("MiniLM", minilm, 30522, Task.encoder)):
+        model = make()
+        batches = [{"input_ids": torch.randint(5, vocab, (8, 128)), "attention_mask": torch.ones(8, 128, dtype=torch.long)}]
+        qmodel, _ = quantize_model(model, QuantConfig())
+        calibrate(qmodel, Batches(batches, "random"))
+        evaluator = Evaluator(task, batches)
+        t_float = best_of(lambda: evaluator(model), 3)
+        t_quant = best_of(lambda: evaluator(qmodel), 3)
+        print(f"quantize  {name:16s} float eval {t_float * 1e3:7.1f} ms  W8A8 paper eval {t_quant * 1e3:7.1f} ms  "
+              f"ratio {t_quant / t_float:.3f}x  (target <= 1.5x)")
+
+
+def bench_attention() -> None:
+    shape = Shape(6, 256, 4)
+    cfg = build_config(Arch.opt, shape, vocab_size=4096, max_positions=512)
+    ids = torch.randint(5, 4096, (16, 128))
+    results = {}
+    for variant in (AttentionVariant.softmax, AttentionVariant.softmax1):
+        model = build_model(copy.deepcopy(cfg), seed=0)
+        if variant is not AttentionVariant.softmax:
+            set_attention(model, variant)
+        model.eval()
+
+        @torch.inference_mode()
+        def fwd() -> None:
+            model(input_ids=ids)
+
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t_fwd = best_of(fwd, 5)
+        t_step = best_of(step, 3)
+        results[variant] = (t_fwd, ids.numel() / t_step)
+    (f0, tps0), (f1, tps1) = results[AttentionVariant.softmax], results[AttentionVariant.softmax1]
+    print(f"attention OPT 6x256 fwd: softmax {f0 * 1e3:.1f} ms, softmax1 {f1 * 1e3:.1f} ms, speed ratio {f0 / f1:.3f}x; "
+          f"training: {tps0:,.0f} vs {tps1:,.0f} tokens/s, ratio {tps1 / tps0:.3f}x  (target >= 0.95x)")
+
+
+BENCHES = {"hooks": bench_hooks, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention}
+
+if __name__ == "__main__":
+    chosen = sys.argv[1:] or list(BENCHES)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in chosen:
+        BENCHES[name]()
