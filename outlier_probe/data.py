@@ -110,12 +110,27 @@ def _read_dataset(spec: str, max_chars: int | None) -> tuple[str, str, dict[str,
     return "\n".join(parts), f"dataset {spec} ({total:,} characters)", {}
 
 
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) ids the tokenizer adds around one sequence: ([CLS], [SEP]), ([BOS], []), ...
+
+    Found by encoding a probe text with and without special tokens (transformers 5 tokenizers have
+    no `build_inputs_with_special_tokens`; this works for the Rust and the Python ones alike).
+    """
+    try:
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode the probe adds nothing we can know
+        return [], []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
+
+
 def special_overhead(tokenizer: Any) -> int:
     """How many special tokens the tokenizer adds around one sequence ([CLS]/[SEP], BOS, ...)."""
-    try:
-        return len(tokenizer.build_inputs_with_special_tokens([]))
-    except Exception:  # noqa: BLE001 - tokenizers without the method add nothing
-        return 0
+    prefix, suffix = special_tokens(tokenizer)
+    return len(prefix) + len(suffix)
 
 
 def text_batches(tokenizer: Any, cfg: DataConfig, max_positions: int | None = None) -> Batches:
@@ -124,7 +139,8 @@ def text_batches(tokenizer: Any, cfg: DataConfig, max_positions: int | None = No
         raise ProbeError("this checkpoint has no tokenizer; pass --tokenizer DIR")
     if max_positions is not None and cfg.seq_len > max_positions:
         raise UsageError(f"--seq-len {cfg.seq_len} is longer than the model's {max_positions} positions; use --seq-len {max_positions} or less")
-    extra = special_overhead(tokenizer)
+    prefix, suffix = special_tokens(tokenizer)
+    extra = len(prefix) + len(suffix)
     body = cfg.seq_len - extra
     if body < 1:
         raise UsageError(f"--seq-len {cfg.seq_len} leaves no room next to the tokenizer's {extra} special tokens")
@@ -140,7 +156,7 @@ def text_batches(tokenizer: Any, cfg: DataConfig, max_positions: int | None = No
     order = torch.randperm(available, generator=torch.Generator().manual_seed(cfg.seed))
     chosen = order[cfg.offset : cfg.offset + cfg.samples].sort().values
     ids_t = torch.tensor(ids[: available * body], dtype=torch.long).view(available, body)[chosen]
-    rows = [tokenizer.build_inputs_with_special_tokens(r.tolist()) if extra else r.tolist() for r in ids_t]
+    rows = [prefix + r.tolist() + suffix for r in ids_t]
     input_ids = torch.tensor(rows, dtype=torch.long)  # (N, seq_len)
     assert input_ids.shape == (cfg.samples, cfg.seq_len), input_ids.shape
     batches = [
@@ -242,3 +258,35 @@ def batches_for_model(processor: Any, info: Any, cfg: DataConfig, image_size: in
     if info.is_vision:
         return image_batches(processor, cfg, image_size)
     return text_batches(processor, cfg, info.max_positions)
+
+
+def tokenize_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (tokenized in paragraph blocks)."""
+    return _tokenize(tokenizer, text)
+
+
+def read_idx_images(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """MNIST-style idx images as tensors: (uint8 (N, H, W), labels (N,), description).
+
+    `path`: an idx images file or a folder holding them. In a folder, every *-images-idx3-ubyte[.gz]
+    file is used, training files first, then test files (t10k), so the last items are test images.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*images-idx3-ubyte*"), key=lambda p: ("t10k" in p.name, p.name))
+    else:
+        files = [path] if "idx3" in path.name else []
+    if not files:
+        raise ProbeError(f"no *-images-idx3-ubyte[.gz] files in {path}")
+    pixels, labels = [], []
+    for image_file in files:
+        label_file = image_file.with_name(image_file.name.replace("images-idx3", "labels-idx1"))
+        if not label_file.exists():
+            raise ProbeError(f"labels file {label_file.name} missing next to {image_file.name}")
+        pixels.append(_read_idx(image_file))
+        labels.append(_read_idx(label_file).long())
+    images, targets = torch.cat(pixels), torch.cat(labels)
+    if images.dim() != 3 or len(images) != len(targets):
+        raise ProbeError(f"{path}: expected (N, H, W) images and N labels, got {tuple(images.shape)} and {len(targets)}")
+    names = ", ".join(f.name for f in files)
+    return images, targets, f"{path} ({names}: {len(images):,} images {images.shape[1]}x{images.shape[2]})"

@@ -129,6 +129,11 @@ def _wrap_load_error(source: str, err: Exception, kind: str) -> ProbeError:
             f"could not load {source!r} from the Hugging Face hub ({text[:160]}); "
             f"if you are offline, download it first and pass the local folder instead"
         )
+    if "weights only load failed" in low:  # never echo torch's hint to turn weights_only off
+        return ProbeError(
+            f"pickled weights in {source} hold Python objects that safe loading (torch.load weights_only=True) "
+            f"refuses to run; convert the checkpoint to safetensors where you trust its code"
+        )
     if any(s in low for s in ("deserializ", "header", "incomplete", "truncat", "invalid load key", "unpickling", "eof", "corrupt", "safetensor")):
         return ProbeError(f"checkpoint weights in {source} are corrupt or truncated ({text[:160]})")
     return ProbeError(f"could not load checkpoint {source}: {text[:200]}")

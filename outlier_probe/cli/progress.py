@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 @contextmanager
 def batch_progress(console: Console, label: str) -> Iterator[Callable[[int, int], None]]:
+    # Only on a terminal: in a pipe or CI log a live bar is noise, and it leaves a blank line on stderr.
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=console.quiet) as bar:
+                  console=console, transient=True, disable=console.quiet or not console.is_terminal) as bar:
         tasks: dict[str, int] = {}
 
         def update(done: int, total: int, description: str = label) -> None:
