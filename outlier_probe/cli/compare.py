@@ -1,0 +1,100 @@
+"""`outlier-probe compare A B [C ...]`: a vanilla model vs its outlier-efficient twins, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from outlier_probe.cli import options as o
+from outlier_probe.cli.app import app, guarded
+from outlier_probe.cli.progress import batch_progress
+from outlier_probe.config import Device, DType
+from outlier_probe.evaluation import MetricName
+from outlier_probe.quant.quantizer import Estimator
+
+Checkpoints = Annotated[list[str], typer.Argument(
+    help="Two or more checkpoints, the first is the baseline. Each is \\[NAME=]PATH\\[@VARIANT]: PATH as for `stats`; "
+         "@VARIANT (softmax, softmax1, clipped, gated) overrides the attention variant, e.g. ckpt/@softmax1; "
+         "NAME= sets the display and sub-folder name. The same PATH may appear twice with different variants "
+         "(the names then get the variant as suffix).",
+    metavar="CHECKPOINT")]
+
+
+def default_out(names: list[str]) -> Path:
+    return Path("reports") / ("compare-" + "-vs-".join(names))[:120]
+
+
+@app.command("compare")
+@guarded
+def compare(
+    checkpoints: Checkpoints,
+    recipe: Annotated[str, typer.Option("--recipe", help="paper (W8A8 of the papers) or linear (Linear weights+inputs only); one for all models.")] = "paper",
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Bit width of weights and activations (2-16).")] = None,
+    w_bits: Annotated[Optional[int], typer.Option("--w-bits", help="Weight bits (overrides --bits).")] = None,
+    a_bits: Annotated[Optional[int], typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Weights per output channel instead of per tensor.")] = False,
+    w_estimator: Annotated[Optional[Estimator], typer.Option("--w-estimator", help="Weight range estimator.")] = None,
+    a_estimator: Annotated[Optional[Estimator], typer.Option("--a-estimator", help="Activation range estimator.")] = None,
+    percentile: Annotated[float, typer.Option("--percentile", help="Upper percentile for the percentile estimator.")] = 99.999,
+    calib_batches: Annotated[int, typer.Option("--calib-batches", help="Calibration batches (taken after the evaluation sequences).")] = 4,
+    metric: Annotated[Optional[MetricName], typer.Option("--metric", help="Metric to require (default: each model's natural one).")] = None,
+    no_quantize: Annotated[bool, typer.Option("--no-quantize", help="Outlier statistics only: no evaluation, so the FP / W8A8 / degradation columns are left out of the table and are NaN (empty in CSV, null in JSON).")] = False,
+    data: o.DataPath = None,
+    dataset: o.Dataset = None,
+    include_files: o.Include = "*.txt",
+    samples: o.Samples = 32,
+    seq_len: o.SeqLen = 128,
+    batch_size: o.BatchSize = 8,
+    seed: o.Seed = 0,
+    dtype: o.Dtype = DType.float32,
+    device: o.DeviceOpt = Device.cpu,
+    trust_remote_code: o.TrustRemote = False,
+    tokenizer: o.Tokenizer = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: reports/compare-<names>/).")] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    quiet: o.Quiet = False,
+    as_json: o.Json = False,
+) -> None:
+    """Side-by-side outliers and W8A8 loss of several models on identical data, seed and recipe.
+
+    One row per model: FP and W8A8 metric, degradation, average / max kurtosis, max inf-norm (block
+    outputs, and over all sites), each with its change vs the first model. Writes compare.csv,
+    compare.json, compare.md, layers.png and per-model stats/ and quantize/ folders
+    (`gate --report OUT/NAME` checks one model).
+
+    Example: outlier-probe compare vanilla=ckpt/@softmax outeffhop=ckpt/@softmax1
+    """
+    from outlier_probe.cli.quantize import recipes_from_options
+    from outlier_probe.compare import CompareConfig, resolve_entries, run_compare
+    from outlier_probe.report.compare_report import check_out_dir, compare_document, compare_table, write_compare_report
+
+    base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer)
+    (quant,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
+    cfg = CompareConfig(
+        entries=resolve_entries(checkpoints, base),
+        data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
+        recipe=quant,
+        quantize=not no_quantize,
+        metric=metric,
+    )
+    target = check_out_dir(out or default_out([e.name for e in cfg.entries]))  # before any model loads
+    quiet = quiet or as_json
+    console = Console(stderr=True)
+    console.quiet = quiet or not console.is_terminal  # no bar (and no stray blank line) when stderr is not a terminal
+    with batch_progress(console, "measuring") as progress:
+        result = run_compare(cfg, progress=progress)
+    written = write_compare_report(result, target, plots_on=not no_plots)
+    if as_json:
+        typer.echo(json.dumps(compare_document(result), indent=2, default=str))
+        return
+    if not quiet:
+        c = Console()
+        c.print(compare_table(result, width=c.width))
+        for note in result.notes:
+            c.print(f"[yellow]note:[/] {note}")
+        c.print(f"reports: {target}/ (compare.csv, compare.json, compare.md{', layers.png' if 'layers.png' in written else ''}, "
+                f"{', '.join(e.name + '/' for e in cfg.entries)})")

@@ -1,0 +1,245 @@
+"""`compare`: several (checkpoint, attention variant) runs with identical data and settings -> one table.
+
+Each model is loaded once; its `stats` pass (`run_stats`) and, unless switched off, its `quantize`
+pass (`run_quantize`) run on that one loaded model with the very same data, seed and recipe. The
+first checkpoint is the baseline: every figure of every model also gets its relative change
+versus the baseline's figure, (x - x_baseline) / |x_baseline|.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, ObserverConfig, SiteSelection, StatsConfig
+from outlier_probe.errors import UsageError
+from outlier_probe.evaluation import MetricName
+from outlier_probe.loading import load_model, model_name, weights_folder
+from outlier_probe.quant.recipes import QuantConfig
+from outlier_probe.quant.run import QuantizeConfig, QuantizeResult, run_quantize
+from outlier_probe.stats.run import StatsResult, run_stats, settings_of
+
+Progress = Callable[[int, int, str], None]  # (batches done, batches total, what is running)
+
+_NAME = re.compile(r"^[A-Za-z0-9][\w.+\-]*$")  # display names become report sub-folder names
+VARIANTS = ", ".join(v.value for v in AttentionVariant)
+
+# Figures of the comparison table, in column order; each also gets `<figure>_vs_baseline`.
+FIGURES: tuple[str, ...] = (
+    "float",  # metric of the float model (quantize.csv `float`)
+    "quantized",  # metric of the W8A8 model (quantize.csv `quantized`)
+    "degradation",  # quantized - float (quantize.csv `abs_change`)
+    "degradation_rel",  # (quantized - float) / float (quantize.csv `rel_change`)
+    "avg_kurtosis",  # mean paper kurtosis over the sites (summary.json)
+    "max_kurtosis",
+    "max_inf_norm_block_output",  # the papers' "max inf-norm"
+    "max_inf_norm",  # over every hooked site
+)
+QUANT_FIGURES = FIGURES[:4]
+
+DEFINITIONS: dict[str, str] = {
+    "baseline": "the first checkpoint given",
+    "vs_baseline": "relative change versus the baseline: (x - x_baseline) / |x_baseline|; NaN when the baseline "
+    "figure is 0 or missing, or when the metrics differ",
+    "degradation": "W8A8 metric - float metric (quantize.csv abs_change); for accuracy / hidden_cosine a negative "
+    "value is a loss",
+    "degradation_rel": "(W8A8 - float) / float (quantize.csv rel_change)",
+    "no_quantize": "with --no-quantize no model is evaluated: float, quantized and degradation are NaN (empty in CSV, null in JSON) and left out of the tables",
+}
+
+
+@dataclass(frozen=True)
+class CompareEntry:
+    """One column of the comparison: a display name and how to load the checkpoint (variant included)."""
+
+    name: str
+    load: LoadConfig
+
+    @property
+    def spec(self) -> str:
+        """The `NAME=PATH[@VARIANT]` that reproduces this entry."""
+        variant = f"@{self.load.attention.value}" if self.load.attention else ""
+        return f"{self.name}={self.load.source}{variant}"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    entries: tuple[CompareEntry, ...]  # the first is the baseline
+    data: DataConfig = field(default_factory=DataConfig)  # identical for every model
+    recipe: QuantConfig = field(default_factory=QuantConfig)  # one recipe for the whole comparison
+    quantize: bool = True  # False: stats only, no evaluation
+    metric: MetricName | None = None  # None: each model's natural metric
+    sites: SiteSelection = field(default_factory=SiteSelection)
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.entries) < 2:
+            raise UsageError(f"compare needs at least two checkpoints, got {len(self.entries)}; e.g. compare vanilla/ outeffhop/")
+        names = [e.name for e in self.entries]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UsageError(f"display name(s) {', '.join(dupes)} given twice; give each checkpoint its own NAME=PATH")
+
+
+def parse_spec(spec: str) -> tuple[str | None, str, AttentionVariant | None]:
+    """`[NAME=]PATH[@VARIANT]` -> (name or None, source, variant or None).
+
+    A spec that exists as a path as a whole is taken literally (paths may contain `=` or `@`).
+    """
+    name: str | None = None
+    rest = spec
+    if "=" in rest and not Path(rest).expanduser().exists():
+        left, right = rest.split("=", 1)
+        if _NAME.match(left):
+            name, rest = left, right
+        elif "/" not in left and "\\" not in left:
+            raise UsageError(f"display name {left!r} in {spec!r} must be letters, digits, '.', '_', '+' or '-' (NAME=PATH)")
+    variant: AttentionVariant | None = None
+    if "@" in rest and not Path(rest).expanduser().exists():
+        source, value = rest.rsplit("@", 1)
+        try:
+            variant = AttentionVariant(value)
+        except ValueError:
+            raise UsageError(f"unknown attention variant {value!r} in {spec!r}; choose from {VARIANTS} (PATH@VARIANT)") from None
+        rest = source
+    if not rest:
+        raise UsageError(f"checkpoint spec {spec!r} has no path; use [NAME=]PATH[@VARIANT]")
+    return name, rest, variant
+
+
+def resolve_entries(specs: Sequence[str], base: LoadConfig) -> tuple[CompareEntry, ...]:
+    """Parse specs; load options other than source / attention come from `base`.
+
+    Unnamed entries are named after the checkpoint; when two names collide the variant is appended
+    (`tiny-opt-softmax1`), then a counter.
+    """
+    parsed = [parse_spec(s) for s in specs]
+    given = [n for n, _, _ in parsed if n]
+    auto = [n or model_name(src) for n, src, _ in parsed]
+    names: list[str] = []
+    for (name, _src, variant), base_name in zip(parsed, auto):
+        if name is None and (auto.count(base_name) > 1 or base_name in given) and variant is not None:
+            base_name = f"{base_name}-{variant.value}"
+        names.append(base_name)
+    final: list[str] = []
+    for (name, _src, _v), candidate in zip(parsed, names):
+        if name is None:
+            k, unique = 2, candidate
+            while unique in final or unique in given:
+                unique, k = f"{candidate}-{k}", k + 1
+            candidate = unique
+        final.append(candidate)
+    return tuple(
+        CompareEntry(name, replace(base, source=src, attention=variant))
+        for name, (_n, src, variant) in zip(final, parsed)
+    )
+
+
+@dataclass
+class ModelRun:
+    """One model's stats pass and (optional) quantize pass."""
+
+    entry: CompareEntry
+    stats: StatsResult
+    quant: QuantizeResult | None
+
+    def figures(self) -> dict[str, Any]:
+        s = self.stats.summary
+        out: dict[str, Any] = {
+            "name": self.entry.name,
+            "source": self.entry.load.source,
+            "attention": self.stats.model["attention"],
+            "family": self.stats.model["family"],
+            "metric": None,
+            "higher_is_better": None,
+            **{key: math.nan for key in QUANT_FIGURES},
+            "avg_kurtosis": _num(s.get("avg_kurtosis")),
+            "max_kurtosis": _num(s.get("max_kurtosis")),
+            "max_inf_norm_block_output": _num(s.get("max_inf_norm_block_output")),
+            "max_inf_norm": _num(s.get("max_inf_norm")),
+        }
+        if self.quant is not None:
+            row = self.quant.rows()[0]
+            out.update(metric=row["metric"], higher_is_better=row["higher_is_better"], float=row["float"],
+                       quantized=row["quantized"], degradation=row["abs_change"], degradation_rel=row["rel_change"])
+        return out
+
+
+@dataclass
+class CompareResult:
+    runs: list[ModelRun]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return compare_rows([r.figures() for r in self.runs])
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan  # None (no block outputs) -> NaN
+
+
+def relative_change(value: float, baseline: float) -> float:
+    """(value - baseline) / |baseline|; NaN when either is not finite or the baseline is 0."""
+    if not (math.isfinite(value) and math.isfinite(baseline)) or baseline == 0:
+        return math.nan
+    return (value - baseline) / abs(baseline)
+
+
+def compare_rows(figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add `<figure>_vs_baseline` to each row; the first row is the baseline. Metrics of another kind get NaN."""
+    base = figures[0]
+    rows = []
+    for row in figures:
+        same_metric = row.get("metric") == base.get("metric")
+        extra = {
+            f"{key}_vs_baseline": relative_change(row[key], base[key]) if same_metric or key not in QUANT_FIGURES else math.nan
+            for key in FIGURES
+        }
+        rows.append({**row, **extra})
+    return rows
+
+
+def preflight(entries: Sequence[CompareEntry]) -> None:
+    """Fail on a missing checkpoint before the first model is measured (cheap: no weights are read)."""
+    for entry in entries:
+        weights_folder(entry.load.source)
+
+
+def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> CompareResult:
+    """Measure every entry with identical data / seed / recipe; the CLI renders and writes the result."""
+    preflight(cfg.entries)
+    runs: list[ModelRun] = []
+    for entry in cfg.entries:
+        loaded = load_model(entry.load)
+        stats_cfg = StatsConfig(load=entry.load, data=cfg.data, sites=cfg.sites, observer=cfg.observer, plots=False)
+        stats = run_stats(stats_cfg, progress=_labelled(progress, f"{entry.name}: measuring"), loaded=loaded)
+        quant = None
+        if cfg.quantize:
+            qcfg = QuantizeConfig(load=entry.load, data=cfg.data, recipes=(cfg.recipe,), metric=cfg.metric)
+            step = None if progress is None else (lambda d, t, label, n=entry.name: progress(d, t, f"{n}: evaluating {label}"))
+            quant = run_quantize(qcfg, progress=step, loaded=loaded)
+        runs.append(ModelRun(entry, stats, quant))
+        del loaded
+        gc.collect()
+    return CompareResult(runs, settings_of(cfg), _notes(runs))
+
+
+def _labelled(progress: Progress | None, label: str) -> Callable[[int, int], None] | None:
+    return None if progress is None else (lambda d, t: progress(d, t, label))
+
+
+def _notes(runs: list[ModelRun]) -> list[str]:
+    """Caveats the reader must see: different data (tokenizers) or different metrics across models."""
+    notes = []
+    base = runs[0]
+    for run in runs[1:]:
+        if run.stats.data != base.stats.data:
+            notes.append(f"{run.entry.name} saw different data than {base.entry.name} (another tokenizer or data source)")
+        if run.quant and base.quant and run.quant.rows()[0]["metric"] != base.quant.rows()[0]["metric"]:
+            notes.append(f"{run.entry.name} is scored by another metric than {base.entry.name}: its metric changes are NaN")
+    return notes
