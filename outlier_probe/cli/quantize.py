@@ -33,8 +33,8 @@ def recipes_from_options(recipe: list[str] | None, bits: int | None, w_bits: int
             raise UsageError(f"unknown --recipe {name!r}; choose from {', '.join(r.value for r in Recipe)}") from None
         out.append(QuantConfig(
             recipe=rec,
-            w_bits=w_bits or bits or 8,
-            a_bits=a_bits or bits or 8,
+            w_bits=_first_set(w_bits, bits, 8),  # not `or`: an explicit 0 must reach the validation
+            a_bits=_first_set(a_bits, bits, 8),
             per_channel=per_channel,
             w_estimator=w_estimator or Estimator.minmax,
             a_estimator=a_estimator or Estimator.running_minmax,
@@ -42,6 +42,10 @@ def recipes_from_options(recipe: list[str] | None, bits: int | None, w_bits: int
             calib_batches=calib_batches,
         ))
     return tuple(out)
+
+
+def _first_set(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
 
 
 @app.command("quantize")

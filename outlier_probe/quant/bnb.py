@@ -6,6 +6,7 @@ Heads stay in float like in the simulated recipes.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 from torch import nn
@@ -19,6 +20,9 @@ LLM_INT8_THRESHOLD = 6.0
 
 
 def load_int8(cfg: LoadConfig, loaded: LoadedModel) -> nn.Module:
+    # bitsandbytes logs a line per matmul on CPU ("inputs will be cast to float16") and one about
+    # optional kernels at import; expected here, so keep them off the user's stderr.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
         import transformers

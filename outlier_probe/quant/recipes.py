@@ -112,6 +112,12 @@ def _layer_of(name: str, blocks: list[str]) -> int | None:
 def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant = AttentionVariant.softmax,
                    variant_params: dict[str, Any] | None = None) -> tuple[nn.Module, list[QuantSite]]:
     """A fake-quantized deep copy of `model` (the float model is untouched) and its activation sites."""
+    if cfg.recipe is Recipe.paper and arch.family_of(model) is arch.Family.generic:
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise UsageError(
+            f"--recipe paper needs a known model family to place its attention and residual quantizers; "
+            f"model type {model_type!r} is not one (bert, distilbert, gpt2, opt, llama, vit): use --recipe linear"
+        )
     qmodel = copy.deepcopy(model)
     heads = tuple(arch.head_module_names(qmodel))
     blocks = [n for n, _ in arch.layer_modules(qmodel)]
@@ -137,7 +143,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant
                 sites.append(QuantSite(f"{name}:in", kind, layer, act_in, f"{name}:input"))
             if act_out is not None:
                 sites.append(QuantSite(f"{name}:out", "linear_output", layer, act_out, name))
-        elif paper and isinstance(module, nn.Embedding):
+        elif paper and isinstance(module, (nn.Embedding, nn.Conv2d)):  # Conv2d: ViT's patch embedding
             _set_module(qmodel, name, QuantEmbedding.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator))
         elif paper and arch._is_norm(module):  # noqa: SLF001
             act_out = cfg.act()
