@@ -236,13 +236,12 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def head_module_names(model: nn.Module) -> list[str]:
     """Top-level modules outside the backbone (LM / MLM / classifier heads): kept in float by the recipes."""
-    family = family_of(model)
-    if family is Family.generic:
-        names = [n for n, _ in model.named_children() if n in ("lm_head", "cls", "classifier", "score", "head")]
-        return names
-    stack = _find_layer_stack(model, _SPECS[family])
-    assert stack is not None
-    return [n for n, _ in model.named_children() if not stack.startswith(n + ".") and stack != n]
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", model) is model:
+        # a bare backbone (BertModel, LlamaModel, MiniLM): only its pooler (a classification head) is a head
+        return [n for n, _ in model.named_children() if n == "pooler"]
+    # a backbone under `base_model_prefix` plus heads: every other top-level child is a head
+    return [n for n, _ in model.named_children() if n != prefix]
 
 
 def embedding_sum_site(model: nn.Module) -> Site | None:

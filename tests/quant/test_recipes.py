@@ -188,8 +188,6 @@ def test_paper_recipe_on_the_real_minilm_quantizes_every_linear(minilm: tuple[nn
     assert kinds["attn_scores"] == kinds["attn_probs"] == kinds["block_output"] == 6 and kinds["embedding_sum"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="arch.head_module_names(BertModel) returns ['embeddings', 'pooler']: a base "
-                   "model's embeddings (and LlamaModel's embed_tokens / norm) are taken for heads and kept float")
 def test_paper_recipe_on_the_real_minilm_quantizes_its_embeddings(minilm: tuple[nn.Module, nn.Module, list[Any]]) -> None:
     _, qmodel, sites = minilm
     assert isinstance(qmodel.embeddings.word_embeddings, QuantEmbedding)
