@@ -19,7 +19,8 @@ from outlier_probe.compare import (
 )
 from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig
 from outlier_probe.errors import ProbeError, UsageError
-from outlier_probe.report.compare_report import cell, check_out_dir, write_compare_report
+from outlier_probe.report.compare_report import cell, write_compare_report
+from outlier_probe.report.io import check_out_dir
 
 BASE = LoadConfig(source="")
 SM, SM1 = AttentionVariant.softmax, AttentionVariant.softmax1

@@ -70,7 +70,8 @@ def compare(
     """
     from outlier_probe.cli.quantize import recipes_from_options
     from outlier_probe.compare import CompareConfig, resolve_entries, run_compare
-    from outlier_probe.report.compare_report import check_out_dir, compare_document, compare_table, write_compare_report
+    from outlier_probe.report.io import check_out_dir
+    from outlier_probe.report.compare_report import compare_document, compare_table, write_compare_report
 
     base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer)
     (quant,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)

@@ -81,7 +81,7 @@ def quantize(
 ) -> None:
     """Simulated W8A8 (or other widths) and optional LLM.int8: float vs quantized metric, per-site SQNR."""
     from outlier_probe.quant.run import QuantizeConfig, run_quantize
-    from outlier_probe.report.io import ensure_writable_dir
+    from outlier_probe.report.io import check_out_dir
     from outlier_probe.report.quant_report import quantize_document, runs_table, sites_table, write_quantize_report
 
     recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
@@ -92,7 +92,7 @@ def quantize(
         backends=tuple(dict.fromkeys(backend or ())),
         metric=metric,
     )
-    target = ensure_writable_dir(o.default_out(checkpoint, out, "-quantize"))
+    target = check_out_dir(o.default_out(checkpoint, out, "-quantize"))  # created only once results exist
     quiet = quiet or as_json
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "evaluating") as progress:

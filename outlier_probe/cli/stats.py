@@ -42,7 +42,7 @@ def stats(
 ) -> None:
     """Per-layer outlier statistics: kurtosis, inf-norm, outlier fractions and channels (stats.csv, summary.json, plots)."""
     from outlier_probe.report.stats_report import stats_table, summary_document, summary_table, write_stats_report
-    from outlier_probe.report.io import ensure_writable_dir
+    from outlier_probe.report.io import check_out_dir
     from outlier_probe.stats.run import run_stats
 
     cfg = StatsConfig(
@@ -54,7 +54,7 @@ def stats(
         out=o.default_out(checkpoint, out),
         plots=not no_plots,
     )
-    ensure_writable_dir(cfg.out)  # fail before the model loads, not after the measurement
+    check_out_dir(cfg.out)  # fail before the model loads; create nothing until results exist
     quiet = quiet or as_json
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "measuring") as progress:

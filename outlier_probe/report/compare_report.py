@@ -46,17 +46,6 @@ CAPTION = ("kurtosis / inf-norm: paper definitions; max inf-norm = block outputs
            "(x%) = change vs the first model")
 
 
-def check_out_dir(path: Path) -> Path:
-    """Fail early when `path` cannot be created or written, without creating it (a failed run leaves nothing)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ProbeError(f"--out {path} is a file; choose a folder")
-    probe = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), None)
-    if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ProbeError(f"cannot create or write output folder {path}; choose another --out")
-    return path
-
-
 def _fmt(value: Any, signed: bool = False, percent: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

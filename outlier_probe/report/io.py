@@ -12,6 +12,17 @@ from typing import IO, Any, Iterator
 from outlier_probe.errors import ProbeError
 
 
+def check_out_dir(path: Path) -> Path:
+    """Fail early when `path` cannot be created or written, without creating it (a failed run leaves nothing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ProbeError(f"--out {path} is a file; choose a folder")
+    probe = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), None)
+    if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ProbeError(f"cannot create output folder {path}: its parent is not a writable folder; choose another --out")
+    return path
+
+
 def ensure_writable_dir(path: Path) -> Path:
     """Create `path` (and parents) and check that files can be written there; clear error otherwise."""
     path = Path(path)
