@@ -1,0 +1,36 @@
+"""`outlier-probe reproduce --scale cpu-small|gpu`: train twins, compare them, write a report folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from outlier_probe.cli.app import app, guarded
+from outlier_probe.config import AttentionVariant
+from outlier_probe.models import Arch
+
+
+@app.command("reproduce")
+@guarded
+def reproduce(
+    scale: Annotated[str, typer.Option("--scale", help="smoke (seconds), cpu-small (< 1 h on 2 cores) or gpu (~10 min on one GPU).")] = "cpu-small",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: reports/reproduction-<scale>/).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Text corpus file or folder (default by scale).")] = None,
+    image_data: Annotated[Optional[Path], typer.Option("--image-data", help="(Fashion-)MNIST idx folder for the ViT family.")] = None,
+    family: Annotated[Optional[list[Arch]], typer.Option("--family", help="Only these families (repeatable).")] = None,
+    variant: Annotated[Optional[list[AttentionVariant]], typer.Option("--variant", help="Variants to train (softmax is always the baseline).")] = None,
+    time_scale: Annotated[float, typer.Option("--time-scale", help="Multiply every training budget.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Train vanilla / softmax1 / clipped / gated twins per family, compare them, and write README.md with tables and plots."""
+    from outlier_probe.reproduce import VARIANTS, ReproduceConfig, run_reproduction
+
+    variants = tuple(dict.fromkeys([AttentionVariant.softmax, *(variant or VARIANTS)]))
+    cfg = ReproduceConfig(scale=scale, out=out or Path(f"reports/reproduction-{scale}"), data=data, image_data=image_data,
+                          families=tuple(family) if family else None, variants=variants, seed=seed, time_scale=time_scale)
+    console = Console(stderr=True)
+    run_reproduction(cfg, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    Console().print(f"report: {cfg.out / 'README.md'}")
