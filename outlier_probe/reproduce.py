@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import sysconfig
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 

@@ -583,8 +583,6 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
     """Train one model as `cfg` says; save the checkpoint, training state and train_log.csv in cfg.out_dir."""
     import transformers
 
-    from outlier_probe.stats.run import settings_of
-
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     out = cfg.out_dir

@@ -324,3 +324,12 @@ def wikitext_path() -> Path:
     if not WIKITEXT.is_file():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT} (needs the shared folder next to the repository)")
     return WIKITEXT
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one torch thread avoids oversubscription (~10x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,8 +13,6 @@ from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
 from outlier_probe.config import Device, DType
-from outlier_probe.evaluation import MetricName
-from outlier_probe.quant.quantizer import Estimator
 
 Checkpoints = Annotated[list[str], typer.Argument(
     help="Two or more checkpoints, the first is the baseline. Each is \\[NAME=]PATH\\[@VARIANT]: PATH as for `stats`; "
@@ -33,15 +31,15 @@ def default_out(names: list[str]) -> Path:
 def compare(
     checkpoints: Checkpoints,
     recipe: Annotated[str, typer.Option("--recipe", help="paper (W8A8 of the papers) or linear (Linear weights+inputs only); one for all models.")] = "paper",
-    bits: Annotated[Optional[int], typer.Option("--bits", help="Bit width of weights and activations (2-16).")] = None,
-    w_bits: Annotated[Optional[int], typer.Option("--w-bits", help="Weight bits (overrides --bits).")] = None,
-    a_bits: Annotated[Optional[int], typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="Weights per output channel instead of per tensor.")] = False,
-    w_estimator: Annotated[Optional[Estimator], typer.Option("--w-estimator", help="Weight range estimator.")] = None,
-    a_estimator: Annotated[Optional[Estimator], typer.Option("--a-estimator", help="Activation range estimator.")] = None,
-    percentile: Annotated[float, typer.Option("--percentile", help="Upper percentile for the percentile estimator.")] = 99.999,
-    calib_batches: Annotated[int, typer.Option("--calib-batches", help="Calibration batches (taken after the evaluation sequences).")] = 4,
-    metric: Annotated[Optional[MetricName], typer.Option("--metric", help="Metric to require (default: each model's natural one).")] = None,
+    bits: o.Bits = None,
+    w_bits: o.WBits = None,
+    a_bits: o.ABits = None,
+    per_channel: o.PerChannel = False,
+    w_estimator: o.WEstimator = None,
+    a_estimator: o.AEstimator = None,
+    percentile: o.Percentile = 99.999,
+    calib_batches: o.CalibBatches = 4,
+    metric: o.Metric = None,
     no_quantize: Annotated[bool, typer.Option("--no-quantize", help="Outlier statistics only: no evaluation, so the FP / W8A8 / degradation columns are left out of the table and are NaN (empty in CSV, null in JSON).")] = False,
     data: o.DataPath = None,
     dataset: o.Dataset = None,

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from outlier_probe.config import AttentionVariant, DataConfig, Device, DType, LoadConfig
+from outlier_probe.evaluation import MetricName
+from outlier_probe.quant.quantizer import Estimator
 
 Checkpoint = Annotated[str, typer.Argument(help="Checkpoint: a Hugging Face folder, a .gguf file, a hub id, or `minilm` (the built-in all-MiniLM-L6-v2).")]
 DataPath = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of text files (see --include), or image folder. Default: built-in English text.")]
@@ -25,6 +27,17 @@ Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer
 Out = Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: reports/<model-name>/).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on the terminal.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout (implies --quiet).")]
+
+# quantization recipe (quantize, compare)
+Bits = Annotated[Optional[int], typer.Option("--bits", help="Bit width of weights and activations (2-16).")]
+WBits = Annotated[Optional[int], typer.Option("--w-bits", help="Weight bits (overrides --bits).")]
+ABits = Annotated[Optional[int], typer.Option("--a-bits", help="Activation bits (overrides --bits).")]
+PerChannel = Annotated[bool, typer.Option("--per-channel", help="Weights per output channel instead of per tensor.")]
+WEstimator = Annotated[Optional[Estimator], typer.Option("--w-estimator", help="Weight range estimator.")]
+AEstimator = Annotated[Optional[Estimator], typer.Option("--a-estimator", help="Activation range estimator.")]
+Percentile = Annotated[float, typer.Option("--percentile", help="Upper percentile for the percentile estimator.")]
+CalibBatches = Annotated[int, typer.Option("--calib-batches", help="Calibration batches (taken after the evaluation sequences).")]
+Metric = Annotated[Optional[MetricName], typer.Option("--metric", help="Metric to require (default: the model's natural one).")]
 
 
 def load_config(checkpoint: str, dtype: DType, device: Device, trust_remote_code: bool,

@@ -13,7 +13,6 @@ from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
 from outlier_probe.config import Device, DType
 from outlier_probe.errors import UsageError
-from outlier_probe.evaluation import MetricName
 from outlier_probe.quant.quantizer import Estimator
 from outlier_probe.quant.recipes import Backend, QuantConfig, Recipe
 
@@ -52,17 +51,17 @@ def _first_set(*values: int | None) -> int:
 @guarded
 def quantize(
     checkpoint: o.Checkpoint = "minilm",
-    bits: Annotated[Optional[int], typer.Option("--bits", help="Bit width of weights and activations (2-16).")] = None,
+    bits: o.Bits = None,
     recipe: Annotated[Optional[list[str]], typer.Option("--recipe", help="paper (W8A8 of the papers) or linear (Linear weights+inputs only); repeatable.")] = None,
-    w_bits: Annotated[Optional[int], typer.Option("--w-bits", help="Weight bits (overrides --bits).")] = None,
-    a_bits: Annotated[Optional[int], typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="Weights per output channel instead of per tensor.")] = False,
-    w_estimator: Annotated[Optional[Estimator], typer.Option("--w-estimator", help="Weight range estimator.")] = None,
-    a_estimator: Annotated[Optional[Estimator], typer.Option("--a-estimator", help="Activation range estimator.")] = None,
-    percentile: Annotated[float, typer.Option("--percentile", help="Upper percentile for the percentile estimator.")] = 99.999,
-    calib_batches: Annotated[int, typer.Option("--calib-batches", help="Calibration batches (taken after the evaluation sequences).")] = 4,
+    w_bits: o.WBits = None,
+    a_bits: o.ABits = None,
+    per_channel: o.PerChannel = False,
+    w_estimator: o.WEstimator = None,
+    a_estimator: o.AEstimator = None,
+    percentile: o.Percentile = 99.999,
+    calib_batches: o.CalibBatches = 4,
     backend: Annotated[Optional[list[Backend]], typer.Option("--backend", help="Also run a real backend: bnb-int8 (LLM.int8).")] = None,
-    metric: Annotated[Optional[MetricName], typer.Option("--metric", help="Metric to require (default: the model's natural one).")] = None,
+    metric: o.Metric = None,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",

@@ -10,7 +10,6 @@ Layout of the report folder:
 from __future__ import annotations
 
 import math
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from rich.table import Table
 
 from outlier_probe.compare import DEFINITIONS as COMPARE_DEFINITIONS
 from outlier_probe.compare import FIGURES, QUANT_FIGURES, CompareResult
-from outlier_probe.errors import ProbeError
 from outlier_probe.report import plots
 from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json, write_text
 from outlier_probe.report.meta import header

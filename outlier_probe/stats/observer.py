@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from outlier_probe.config import ObserverConfig
-from outlier_probe.stats.moments import StreamingMoments, moments_result, row_central_moments
+from outlier_probe.stats.moments import StreamingMoments, moments_result
 
 _F64 = torch.float64
 PAPER_EPS = 1e-6  # added to std^4 in the reference code of Bondarenko et al. and OutEffHop
@@ -142,29 +142,38 @@ class OutlierObserver:
         seqs = x.detach().reshape(x.shape[0], -1)  # (B, n): sequence b = x[b] flattened
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // seqs.shape[1])
         for chunk in seqs.split(rows_per_chunk):
-            self._update_rows(chunk.to(_F64), channels)
+            self._update_rows(chunk, channels)
         self.n_sequences += x.shape[0]
 
     def _update_rows(self, rows: Tensor, channels: int) -> None:
-        """rows: (R, n) float64, never written to (it may be the caller's own tensor)."""
+        """rows: (R, n) in the input's dtype, never written to (it may be the caller's own tensor).
+
+        Only the moments need float64; abs, maxima, comparisons and bucketing are exact in the input's
+        own dtype, so they run there (half the memory traffic for float32 activations).
+        """
         s, cfg = self._s, self.config
         n = rows.shape[1]
-        mean, m2, m3, m4 = row_central_moments(rows)  # each (R,)
+        rows64 = rows.to(_F64)
+        mean = rows64.mean(dim=1)  # (R,)
+        dev = rows64 - mean.unsqueeze(1)  # (R, n)
+        dev2 = dev * dev
+        m2, m3, m4 = dev2.sum(dim=1), (dev2 * dev).sum(dim=1), (dev2 * dev2).sum(dim=1)
         self.moments.add_central(n, mean, m2, m3, m4)
         std = (m2 / (n - 1)).sqrt() if n > 1 else torch.full_like(m2, math.nan)  # unbiased, as the reference
         k = (m4 / n) / (std**4 + PAPER_EPS)
         s["paper_kurtosis_sum"] = s["paper_kurtosis_sum"] + k.sum()
-        outside = (rows - mean.unsqueeze(1)).abs() > cfg.sigma_k * std.unsqueeze(1)  # (R, n)
-        s["n_gt_ksigma"] = s["n_gt_ksigma"] + outside.sum()
+        # |dev| > k*std  <=>  dev^2 > (k*std)^2 (std >= 0; NaN std compares False): reuses dev2
+        s["n_gt_ksigma"] = s["n_gt_ksigma"] + (dev2 > (cfg.sigma_k * std).square().unsqueeze(1)).sum()
 
-        absx = rows.abs()  # (R, n)
-        seq_max = absx.amax(dim=1)  # (R,)
+        absx = rows.abs()  # (R, n), input dtype
+        seq_max = absx.amax(dim=1).to(_F64)  # (R,)
         s["paper_inf_norm_sum"] = s["paper_inf_norm_sum"] + seq_max.sum()
         s["max_abs"] = torch.maximum(s["max_abs"], seq_max.amax())
-        s["channel_absmax"] = torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0))
+        s["channel_absmax"] = torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0).to(_F64))
         s["n_gt_threshold"] = s["n_gt_threshold"] + (absx > cfg.threshold).sum()
-        s["n_nonfinite"] = s["n_nonfinite"] + (~torch.isfinite(rows)).sum()
+        s["n_nonfinite"] = s["n_nonfinite"] + (~torch.isfinite(absx)).sum()
         # right=True: bin i holds edges[i-1] <= |x| < edges[i]; 0 and NaN/inf fall in the end bins.
+        # bucketize compares against the float64 edges, so bins match the float64 computation exactly.
         idx = torch.bucketize(absx, self.hist_edges, right=True).reshape(-1)
         ones = torch.ones((), dtype=torch.int64, device=idx.device).expand(idx.numel())
         s["hist_counts"] = s["hist_counts"].index_add(0, idx, ones)

@@ -37,13 +37,7 @@ EMBEDDINGS = {"opt": 2, "bert": 3, "gpt2": 2, "llama": 1, "vit": 1}
 LAYERS = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # tiny matmuls on a shared 2-core machine: one thread avoids oversubscription (10x faster)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(family: str, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:

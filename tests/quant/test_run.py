@@ -29,13 +29,7 @@ OUTLIER_FACTOR = 100.0  # the injected value is 100x the largest entry of the em
 PERCENTILE = 99.9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # tiny matmuls on a shared 2-core machine: one thread avoids oversubscription (10x faster)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
