@@ -226,23 +226,32 @@ def set_attention(model: nn.Module, variant: AttentionVariant, params: dict[str,
 
 
 def _load_extra_tensors(model: nn.Module, folder: Path, marker: str) -> None:
-    """Load tensors that from_pretrained dropped because the module did not exist yet (gate weights)."""
+    """Load tensors that from_pretrained dropped because the module did not exist yet (gate weights).
+
+    save_pretrained may write legacy key names (ViT: `vit.layers.N` is saved as `vit.encoder.layer.N`),
+    so keys are matched by (layer index, parameter name) order rather than by their full names.
+    """
     from safetensors import safe_open
 
-    wanted = {k for k in model.state_dict() if marker in k}
-    found: set[str] = set()
-    files = sorted(folder.glob("*.safetensors"))
+    def order(key: str) -> tuple[int, str]:
+        numbers = re.findall(r"\.(\d+)\.", key)
+        return (int(numbers[0]) if numbers else -1, key.rsplit(marker, 1)[-1])
+
     state = model.state_dict()
-    for file in files:
+    wanted = sorted((k for k in state if marker in k), key=order)
+    stored: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key in wanted:
-                    state[key].copy_(handle.get_tensor(key))
-                    found.add(key)
-    if wanted and found != wanted:
+            stored.update({key: handle.get_tensor(key) for key in handle.keys() if marker in key})
+    found = sorted(stored, key=order)
+    if len(found) != len(wanted) or any(order(a) != order(b) or stored[b].shape != state[a].shape for a, b in zip(wanted, found)):
         raise ProbeError(
-            f"checkpoint {folder} records gated attention but {len(wanted - found)} gate tensors are missing from its weights"
+            f"checkpoint {folder} is used with gated attention but its weights hold {len(found)} of the "
+            f"{len(wanted)} gate tensors; it was not trained with gates (use --attention softmax1 or clipped)"
         )
+    with torch.no_grad():
+        for mine, theirs in zip(wanted, found):
+            state[mine].copy_(stored[theirs])
 
 
 def _load_processor(folder: str, kind: str, path: Path | None, cfg: LoadConfig) -> Any | None:

@@ -145,12 +145,15 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] = print) -
                 arch=plan.arch, size=plan.size, attention=variant, data=data_path, include=include, tokenizer=tokenizer_dir,
                 vocab_size=scale.vocab_size, seq_len=plan.seq_len or 128, batch_size=plan.batch_size,
                 steps=plan.steps, time_budget=plan.time_budget * cfg.time_scale, eval_every=plan.eval_every,
-                seed=cfg.seed, device=_device(scale), out=work / run, run_name=run, overwrite=True, plots=False,
+                seed=cfg.seed, device=_device(scale), out=work / run, run_name=run, plots=False,
+                # a finished or interrupted twin in `work` is resumed (step-based, so deterministic), not retrained
+                resume=(work / run / "training_state.pt").is_file(), overwrite=True,
             ))
             train_rows += list(result.rows)
             entries.append(CompareEntry(variant.value, LoadConfig(source=str(result.out))))
             summary.setdefault(plan.arch.value, {})[variant.value] = {
-                "steps": result.steps, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
+                "steps": result.steps, "tokens": result.tokens,
+                "tokens_per_s": _logged_speed(result.rows),
                 "final_eval_loss": result.final_eval_loss, "stopped_by": result.stopped_by,
             }
         family_out = ensure_writable_dir(out / plan.arch.value)
@@ -179,6 +182,14 @@ def _shared_tokenizer(plan: FamilyPlan, data_path: Path | None, include: str, sc
     return str(folder)
 
 
+def _logged_speed(rows: tuple[dict[str, Any], ...]) -> float:
+    """Training tokens/s of a run that was already finished: total tokens over total training seconds logged."""
+    if not rows:
+        return math.nan
+    last = rows[-1]
+    return float(last["tokens"]) / float(last["elapsed_s"]) if float(last["elapsed_s"]) > 0 else math.nan
+
+
 def _device(scale: Scale) -> Any:
     from outlier_probe.config import Device
 
@@ -189,7 +200,7 @@ def _family_section(plan: FamilyPlan, compared: Any, table_md: str, trained: dic
     rows = compared.rows()
     table_md = table_md.replace("# outlier-probe compare:", "### compare:", 1)
     lines = [f"## {plan.arch.value} ({plan.size})", "", table_md, "",
-             "| variant | steps | training tokens | tokens/s | final eval loss | stopped by |",
+             "| variant | steps | training tokens | tokens/s (wall, incl. evals) | final eval loss | stopped by |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for name, t in trained.items():
         lines.append(f"| {name} | {t['steps']} | {t['tokens']:,} | {t['tokens_per_s']:,.0f} | {t['final_eval_loss']:.3f} | {t['stopped_by']} |")

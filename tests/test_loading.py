@@ -141,3 +141,26 @@ def test_pickle_with_code_is_refused_not_run(tiny_checkpoint: MakeCkpt, tmp_path
         load_model(LoadConfig(str(folder)))
     assert "weights_only` set to `False" not in str(err.value)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_gated_vit_reloads_its_gates_although_save_renames_the_layers(tmp_path):
+    """ViT is saved under legacy key names (vit.encoder.layer.N); the gates must still come back."""
+    import torch
+
+    from outlier_probe.config import AttentionVariant, LoadConfig
+    from outlier_probe.loading import load_model, save_checkpoint, set_attention
+    from outlier_probe.models import Arch, build_config, build_model, shape_for
+
+    model = build_model(build_config(Arch.vit, shape_for("micro"), image_size=16, patch_size=4, num_labels=3))
+    set_attention(model, AttentionVariant.gated)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "op_gate" in name:
+                p.copy_(torch.randn_like(p))
+    save_checkpoint(model, tmp_path / "vit-gated")
+    loaded = load_model(LoadConfig(source=str(tmp_path / "vit-gated")))
+    assert loaded.attention is AttentionVariant.gated
+    want = {k: v for k, v in model.state_dict().items() if "op_gate" in k}
+    got = {k: v for k, v in loaded.model.state_dict().items() if "op_gate" in k}
+    assert want.keys() == got.keys() and len(want) == 4
+    assert all(torch.equal(want[k], got[k]) for k in want)
