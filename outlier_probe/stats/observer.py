@@ -36,9 +36,37 @@ METRIC_DEFINITIONS: dict[str, str] = {
 }
 
 
+_POW2_LO, _POW2_HI = -14, 14  # default edges 2^-14 (6.1e-5) .. 2^14 (16384), one bin per octave
+
+
 def default_hist_edges() -> Tensor:
-    """10^-4 .. 10^4, 4 bins per decade (33 edges)."""
-    return torch.logspace(-4, 4, 33, dtype=_F64)
+    """Powers of two, 2^-14 .. 2^14 (29 edges, one bin per octave ~ 3.3 per decade).
+
+    Power-of-two edges let the bin of |x| be read off its floating-point exponent (exact, and ~20x
+    cheaper than a binary search over the edges); any other edges fall back to torch.bucketize.
+    """
+    return torch.tensor([2.0**k for k in range(_POW2_LO, _POW2_HI + 1)], dtype=_F64)
+
+
+def _is_default_pow2(edges: tuple[float, ...]) -> bool:
+    return edges == tuple(2.0**k for k in range(_POW2_LO, _POW2_HI + 1))
+
+
+def _octave_bins(absx: Tensor) -> Tensor:
+    """Histogram bin of each |x| for the default power-of-two edges, from the exponent alone.
+
+    Returns int64 indices in [0, n_edges + 1]: 0 = below 2^-14 (incl. 0), i = [2^(lo+i-1), 2^(lo+i)),
+    n_edges = at or above 2^14, n_edges + 1 = NaN / inf (split off so non-finite values cost no extra pass).
+    """
+    n_edges = _POW2_HI - _POW2_LO + 1
+    if absx.dtype == _F64:
+        mantissa, exponent = torch.frexp(absx)  # |x| = m * 2^e, m in [0.5, 1): floor(log2|x|) = e - 1
+        bins = (exponent.to(torch.int64) - _POW2_LO).clamp_(0, n_edges).masked_fill_(mantissa == 0, 0)  # frexp(0) = (0, 0)
+        return bins.masked_fill_(~torch.isfinite(mantissa), n_edges + 1)
+    bits = absx.float().view(torch.int32)  # exact for float32 / bfloat16 / float16 inputs
+    exponent = (bits >> 23) - 127  # floor(log2|x|) for normal numbers; -127 for zero / subnormals
+    bins = (exponent - _POW2_LO + 1).clamp_(0, n_edges).to(torch.int64)
+    return bins.masked_fill_(exponent == 128, n_edges + 1)  # exponent field 255: inf / NaN
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,7 @@ class OutlierObserver:
         self.config = config
         self.hist_edges = edges  # moved to the input's device on the first update
         self._edges_host: tuple[float, ...] = tuple(edges.tolist())  # so result() needs no extra sync
+        self._pow2 = _is_default_pow2(self._edges_host)
         self.moments = StreamingMoments()
         self.n_sequences = 0  # from shapes only, so a Python int costs no sync
         self._channels: int | None = None
@@ -123,7 +152,8 @@ class OutlierObserver:
             "n_gt_threshold": zeros(dtype=torch.int64),
             "n_gt_ksigma": zeros(dtype=torch.int64),
             "n_nonfinite": zeros(dtype=torch.int64),
-            "hist_counts": zeros(self.hist_edges.numel() + 1, dtype=torch.int64),
+            # fast path: one extra bin at the end counts NaN / inf (merged into overflow by result())
+            "hist_counts": zeros(self.hist_edges.numel() + (2 if self._pow2 else 1), dtype=torch.int64),
         }
 
     def update(self, x: Tensor) -> None:
@@ -171,12 +201,18 @@ class OutlierObserver:
         s["max_abs"] = torch.maximum(s["max_abs"], seq_max.amax())
         s["channel_absmax"] = torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0).to(_F64))
         s["n_gt_threshold"] = s["n_gt_threshold"] + (absx > cfg.threshold).sum()
-        s["n_nonfinite"] = s["n_nonfinite"] + (~torch.isfinite(absx)).sum()
-        # right=True: bin i holds edges[i-1] <= |x| < edges[i]; 0 and NaN/inf fall in the end bins.
-        # bucketize compares against the float64 edges, so bins match the float64 computation exactly.
-        idx = torch.bucketize(absx, self.hist_edges, right=True).reshape(-1)
-        ones = torch.ones((), dtype=torch.int64, device=idx.device).expand(idx.numel())
-        s["hist_counts"] = s["hist_counts"].index_add(0, idx, ones)
+        if self._pow2:
+            idx = _octave_bins(absx).reshape(-1)
+        else:
+            s["n_nonfinite"] = s["n_nonfinite"] + (~torch.isfinite(absx)).sum()
+            # right=True: bin i holds edges[i-1] <= |x| < edges[i]; 0 and NaN/inf fall in the end bins.
+            # bucketize compares against the float64 edges, so bins match the float64 computation exactly.
+            idx = torch.bucketize(absx, self.hist_edges, right=True).reshape(-1)
+        if idx.is_cuda:  # bincount would sync the host to size its output
+            ones = torch.ones((), dtype=torch.int64, device=idx.device).expand(idx.numel())
+            s["hist_counts"] = s["hist_counts"].index_add(0, idx, ones)
+        else:
+            s["hist_counts"] = s["hist_counts"] + torch.bincount(idx, minlength=s["hist_counts"].numel())
 
     def merge(self, other: OutlierObserver) -> None:
         """Fold in another observer of the same site (other batches / processes); `other` is unchanged."""
@@ -216,7 +252,10 @@ class OutlierObserver:
         packed = torch.cat([torch.stack(scalars), s["hist_counts"].to(_F64), top_vals, top_ids.to(_F64)])
         vals = packed.cpu().tolist()
         count, mean, m2, m3, m4, k_sum, inf_sum, max_abs, n_thr, n_ksig, n_bad = vals[:11]
-        hist = vals[11 : 11 + len(edges) + 1]
+        hist = vals[11 : 11 + s["hist_counts"].numel()]
+        if self._pow2:  # the fast path keeps NaN / inf in a bin of their own: count them, then fold into overflow
+            n_bad = hist[-1]
+            hist = hist[:-2] + [hist[-2] + hist[-1]]
         k = len(top_vals)
         tv, ti = vals[-2 * k : -k] if k else [], vals[-k:] if k else []
         m = moments_result(count, mean, m2, m3, m4)

@@ -234,3 +234,21 @@ def test_works_under_inference_mode() -> None:
     obs.update(x[3:])
     ref.update(x)
     _assert_same_stats(obs.result(), ref.result())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_exponent_histogram_matches_numpy_for_every_dtype(dtype: torch.dtype) -> None:
+    """The default power-of-two bins are read from the float exponent: exact on edges, zeros, inf and NaN."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 64, 32, dtype=torch.float64) * torch.logspace(-6, 5, 32, dtype=torch.float64)).to(dtype)
+    x[0, 0, :6] = torch.tensor([0.0, 2.0**-14, 2.0**14, 8.0, math.inf, math.nan], dtype=torch.float64).to(dtype)
+    obs = OutlierObserver()
+    obs.update(x)
+    r = obs.result()
+    a = x.abs().double().numpy().reshape(-1)
+    edges = np.array(r.hist_edges)
+    finite = np.isfinite(a)
+    inside, _ = np.histogram(a[finite & (a >= edges[0]) & (a < edges[-1])], bins=edges)
+    expected = [int(np.sum(a[finite] < edges[0])), *inside.tolist(), int(np.sum(a[finite] >= edges[-1]) + np.sum(~finite))]
+    assert list(r.hist_counts) == expected
+    assert r.n_nonfinite == int(np.sum(~finite))
