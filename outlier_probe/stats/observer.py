@@ -20,6 +20,10 @@ PAPER_EPS = 1e-6  # added to std^4 in the reference code of Bondarenko et al. an
 # Upper bound on float64 elements processed at once, so temporaries stay bounded for huge
 # activations; whole sequences are never split, so this only groups sequences.
 _CHUNK_ELEMENTS = 1 << 23
+# Per-sequence results are buffered for this many updates and folded in with one vectorised pooling:
+# the exact merge of central moments costs dozens of tiny tensor ops, too many to pay per batch.
+# The buffer holds (rows,) tensors of at most this many updates, so state stays O(1) in tokens.
+_FLUSH_EVERY = 32
 
 METRIC_DEFINITIONS: dict[str, str] = {
     "paper_kurtosis": "mean over sequences b of mean((x_b - mean(x_b))^4) / (std(x_b)^4 + 1e-6), "
@@ -133,9 +137,11 @@ class OutlierObserver:
         self.n_sequences = 0  # from shapes only, so a Python int costs no sync
         self._channels: int | None = None
         self._s: dict[str, Tensor] = {}
+        self._pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]] = []
 
     def state_dict(self) -> dict[str, Tensor]:
         """All state tensors (empty before the first update)."""
+        self._flush()
         return {**self._s, **{f"moments.{k}": v for k, v in self.moments.state_dict().items()}}
 
     def _init_state(self, channels: int, device: torch.device) -> None:
@@ -188,17 +194,15 @@ class OutlierObserver:
         dev = rows64 - mean.unsqueeze(1)  # (R, n)
         dev2 = dev * dev
         m2, m3, m4 = dev2.sum(dim=1), (dev2 * dev).sum(dim=1), (dev2 * dev2).sum(dim=1)
-        self.moments.add_central(n, mean, m2, m3, m4)
         std = (m2 / (n - 1)).sqrt() if n > 1 else torch.full_like(m2, math.nan)  # unbiased, as the reference
-        k = (m4 / n) / (std**4 + PAPER_EPS)
-        s["paper_kurtosis_sum"] = s["paper_kurtosis_sum"] + k.sum()
         # |dev| > k*std  <=>  dev^2 > (k*std)^2 (std >= 0; NaN std compares False): reuses dev2
         s["n_gt_ksigma"] = s["n_gt_ksigma"] + (dev2 > (cfg.sigma_k * std).square().unsqueeze(1)).sum()
 
         absx = rows.abs()  # (R, n), input dtype
-        seq_max = absx.amax(dim=1).to(_F64)  # (R,)
-        s["paper_inf_norm_sum"] = s["paper_inf_norm_sum"] + seq_max.sum()
-        s["max_abs"] = torch.maximum(s["max_abs"], seq_max.amax())
+        seq_max = absx.amax(dim=1)  # (R,)
+        self._pending.append((n, mean, m2, m3, m4, std, seq_max))
+        if len(self._pending) >= _FLUSH_EVERY:
+            self._flush()
         s["channel_absmax"] = torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0).to(_F64))
         s["n_gt_threshold"] = s["n_gt_threshold"] + (absx > cfg.threshold).sum()
         if self._pow2:
@@ -214,8 +218,27 @@ class OutlierObserver:
         else:
             s["hist_counts"] = s["hist_counts"] + torch.bincount(idx, minlength=s["hist_counts"].numel())
 
+    def _flush(self) -> None:
+        """Fold the buffered per-sequence results into the running state (vectorised, no host sync)."""
+        if not self._pending:
+            return
+        s, pending = self._s, self._pending
+        self._pending = []
+        sizes = {p[0] for p in pending}
+        for n in sorted(sizes):  # one group per sequence length (a single group in practice)
+            group = [p for p in pending if p[0] == n]
+            mean, m2, m3, m4, std = (torch.cat([p[i] for p in group]) for i in range(1, 6))
+            self.moments.add_central(n, mean, m2, m3, m4)
+            k = (m4 / n) / (std**4 + PAPER_EPS)  # per-sequence paper kurtosis
+            s["paper_kurtosis_sum"] = s["paper_kurtosis_sum"] + k.sum()
+        seq_max = torch.cat([p[6] for p in pending]).to(_F64)
+        s["paper_inf_norm_sum"] = s["paper_inf_norm_sum"] + seq_max.sum()
+        s["max_abs"] = torch.maximum(s["max_abs"], seq_max.amax())
+
     def merge(self, other: OutlierObserver) -> None:
         """Fold in another observer of the same site (other batches / processes); `other` is unchanged."""
+        self._flush()
+        other._flush()  # a change of representation only: other's statistics stay the same
         if (other.config.threshold, other.config.sigma_k) != (self.config.threshold, self.config.sigma_k):
             raise ValueError("cannot merge observers with different threshold / sigma_k")
         if other._edges_host != self._edges_host:
@@ -237,6 +260,7 @@ class OutlierObserver:
     def result(self, top_k: int | None = None) -> SiteStats:
         """Host-side summary, one device->host transfer. Empty observer: counts 0, NaN floats."""
         top_k = self.config.top_k if top_k is None else top_k
+        self._flush()
         edges = self._edges_host
         if self._channels is None:
             nan = math.nan
