@@ -62,7 +62,7 @@ def read_text(cfg: DataConfig, max_chars: int | None = None) -> tuple[str, str, 
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob(cfg.include) if p.is_file())
+        files = _find_files(path, cfg.include)
         if not files:
             raise ProbeError(f"no files matching {cfg.include!r} under {path}; set --include")
     parts: list[str] = []
@@ -85,6 +85,18 @@ def read_text(cfg: DataConfig, max_chars: int | None = None) -> tuple[str, str, 
         raise ProbeError(f"data {path} contains no text")
     desc = f"{path} ({len(parts)} file{'s' if len(parts) != 1 else ''}, {total:,} characters)"
     return text, desc, {"files": len(parts), "characters_by_suffix": by_suffix}
+
+
+def _find_files(root: Path, include: str) -> list[Path]:
+    """Files under root (recursively, following links to folders) matching any comma-separated glob."""
+    import fnmatch
+    import os
+
+    patterns = [p.strip() for p in include.split(",") if p.strip()]
+    found = []
+    for folder, _dirs, names in os.walk(root, followlinks=True):
+        found += [Path(folder) / n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    return sorted(p for p in found if p.is_file())
 
 
 def _read_dataset(spec: str, max_chars: int | None) -> tuple[str, str, dict[str, Any]]:

@@ -45,6 +45,8 @@ class Scale:
     vocab_size: int
     device: str
     text: str  # "prose" (built-in text) or "code+prose"
+    variants: tuple[AttentionVariant, ...] = VARIANTS  # default twins (softmax first: the baseline)
+    max_chars: int | None = None  # cap on the text read (tokenizer fitting and tokenizing stay quick)
 
 
 SCALES: dict[str, Scale] = {
@@ -59,11 +61,14 @@ SCALES: dict[str, Scale] = {
         FamilyPlan(Arch.bert, "small", 500, 300, 128, 16, 32, 100),
         FamilyPlan(Arch.vit, "tiny", 240, 300, 0, 64, 512, 100),
     ), vocab_size=4096, device="cpu", text="prose"),
+    # One ten-minute GPU run: outliers need ~10^8 tokens (H200 sizing: ~850k tokens/s per 6x512 model
+    # in bf16), so only the decisive pair is trained by default: vanilla and softmax_1, 131M tokens each.
     "gpu": Scale("gpu", (
-        FamilyPlan(Arch.opt, "medium", 150, 3000, 256, 128, 64, 500),
-        FamilyPlan(Arch.bert, "medium", 60, 1000, 256, 128, 64, 500),
+        FamilyPlan(Arch.opt, "medium", 240, 4000, 256, 128, 64, 500),
+        FamilyPlan(Arch.bert, "medium", 90, 1500, 256, 128, 64, 500),
         FamilyPlan(Arch.vit, "tiny", 30, 1000, 0, 256, 1024, 200),
-    ), vocab_size=8192, device="auto", text="code+prose"),
+    ), vocab_size=8192, device="auto", text="code+prose",
+        variants=(AttentionVariant.softmax, AttentionVariant.softmax1), max_chars=100_000_000),
 }
 
 
@@ -74,7 +79,7 @@ class ReproduceConfig:
     data: Path | None = None  # text corpus; default by scale (built-in prose, or stdlib source + prose)
     image_data: Path | None = None  # (Fashion-)MNIST idx folder; default: Debian's fashion-mnist, else none
     families: tuple[Arch, ...] | None = None  # subset of the scale's families
-    variants: tuple[AttentionVariant, ...] = VARIANTS
+    variants: tuple[AttentionVariant, ...] | None = None  # None: the scale's default twins
     seed: int = 0
     time_scale: float = 1.0  # multiply every training budget (e.g. 0.5 for a quicker, weaker run)
     work: Path | None = None  # where checkpoints go; default runs/<out folder name>/
@@ -82,7 +87,7 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise UsageError(f"unknown --scale {self.scale!r}; choose from {', '.join(SCALES)}")
-        if AttentionVariant.softmax not in self.variants:
+        if self.variants is not None and AttentionVariant.softmax not in self.variants:
             raise UsageError("the reproduction needs the vanilla softmax model as the baseline")
         if self.time_scale <= 0:
             raise UsageError("--time-scale must be > 0")
@@ -104,7 +109,7 @@ def _text_source(cfg: ReproduceConfig, scale: Scale, work: Path) -> tuple[Path |
     link = corpus / "stdlib"
     if not link.exists():
         link.symlink_to(stdlib, target_is_directory=True)
-    return corpus, "*.py*", f"Python stdlib source ({stdlib}) + built-in prose"
+    return corpus, "*.py,*.txt", f"Python stdlib source ({stdlib}, *.py) + built-in prose"
 
 
 def _image_source(cfg: ReproduceConfig) -> Path | None:
@@ -138,11 +143,12 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] = print) -
         tokenizer_dir = _shared_tokenizer(plan, data_path, include, scale, work)
         entries = []
         train_rows: list[dict[str, Any]] = []
-        for variant in cfg.variants:
+        for variant in cfg.variants or scale.variants:
             run = f"{plan.arch.value}-{variant.value}"
             log(f"training {run} ({plan.size}, {plan.steps} steps, cap {plan.time_budget * cfg.time_scale:.0f} s)")
             result = train(TrainConfig(
                 arch=plan.arch, size=plan.size, attention=variant, data=data_path, include=include, tokenizer=tokenizer_dir,
+                max_chars=scale.max_chars if plan.arch is not Arch.vit else None,
                 vocab_size=scale.vocab_size, seq_len=plan.seq_len or 128, batch_size=plan.batch_size,
                 steps=plan.steps, time_budget=plan.time_budget * cfg.time_scale, eval_every=plan.eval_every,
                 seed=cfg.seed, device=_device(scale), out=work / run, run_name=run, plots=False,
@@ -178,7 +184,8 @@ def _shared_tokenizer(plan: FamilyPlan, data_path: Path | None, include: str, sc
     from outlier_probe.train import TrainConfig, build_tokenizer
 
     folder = work / f"tokenizer-{plan.arch.value}"
-    build_tokenizer(TrainConfig(arch=plan.arch, data=data_path, include=include, vocab_size=scale.vocab_size)).save_pretrained(str(folder))
+    build_tokenizer(TrainConfig(arch=plan.arch, data=data_path, include=include, vocab_size=scale.vocab_size,
+                                max_chars=scale.max_chars)).save_pretrained(str(folder))
     return str(folder)
 
 

@@ -14,7 +14,7 @@ from outlier_probe.quant.quantizer import Estimator
 Checkpoint = Annotated[str, typer.Argument(help="Checkpoint: a Hugging Face folder, a .gguf file, a hub id, or `minilm` (the built-in all-MiniLM-L6-v2).")]
 DataPath = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of text files (see --include), or image folder. Default: built-in English text.")]
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]] (needs `datasets` and network).")]
-Include = Annotated[str, typer.Option("--include-files", help="Glob for files inside a --data folder (searched recursively).")]
+Include = Annotated[str, typer.Option("--include-files", help="Glob(s) for files inside a --data folder, comma-separated (searched recursively, following links).")]
 Samples = Annotated[int, typer.Option("--samples", help="Number of sequences (or images) to evaluate.")]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]

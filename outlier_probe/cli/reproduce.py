@@ -21,14 +21,14 @@ def reproduce(
     data: Annotated[Optional[Path], typer.Option("--data", help="Text corpus file or folder (default by scale).")] = None,
     image_data: Annotated[Optional[Path], typer.Option("--image-data", help="(Fashion-)MNIST idx folder for the ViT family.")] = None,
     family: Annotated[Optional[list[Arch]], typer.Option("--family", help="Only these families (repeatable).")] = None,
-    variant: Annotated[Optional[list[AttentionVariant]], typer.Option("--variant", help="Variants to train (softmax is always the baseline).")] = None,
+    variant: Annotated[Optional[list[AttentionVariant]], typer.Option("--variant", help="Variants to train (softmax is always the baseline); default: all four (gpu: softmax and softmax1).")] = None,
     time_scale: Annotated[float, typer.Option("--time-scale", help="Multiply every training budget.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Train vanilla / softmax1 / clipped / gated twins per family, compare them, and write README.md with tables and plots."""
-    from outlier_probe.reproduce import VARIANTS, ReproduceConfig, run_reproduction
+    from outlier_probe.reproduce import ReproduceConfig, run_reproduction
 
-    variants = tuple(dict.fromkeys([AttentionVariant.softmax, *(variant or VARIANTS)]))
+    variants = tuple(dict.fromkeys([AttentionVariant.softmax, *variant])) if variant else None  # None: the scale's default
     cfg = ReproduceConfig(scale=scale, out=out or Path(f"reports/reproduction-{scale}"), data=data, image_data=image_data,
                           families=tuple(family) if family else None, variants=variants, seed=seed, time_scale=time_scale)
     console = Console(stderr=True)
