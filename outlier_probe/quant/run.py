@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from outlier_probe import arch
-from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, StatsConfig
+from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, SiteKind, StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError
 from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
@@ -143,9 +143,8 @@ def _stats_sites(model: nn.Module, qsites: list[QuantSite]) -> list[arch.Site]:
             module = model.get_submodule(module_name)
         except AttributeError:
             continue
-        from outlier_probe.config import SiteKind
-
-        out.append(arch.Site(q.stats_site, SiteKind.linear_output, q.layer, module, capture, module_name))  # kind unused
+        # the kind is not read downstream: these sites are looked up by name for the SQNR table
+        out.append(arch.Site(q.stats_site, SiteKind.linear_output, q.layer, module, capture, module_name))
     return out
 
 
