@@ -134,6 +134,9 @@ class Site:
     module: nn.Module
     capture: Literal["output", "input"] = "output"
     module_name: str = ""  # plain module path (without ":input")
+    # Name of a site that sees the very same tensor, earlier in the same forward (a post-norm block
+    # returns its last norm's output): when both are hooked the statistics are computed once.
+    same_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -309,12 +312,13 @@ def _family_sites(model: nn.Module, family: Family, kinds: tuple[SiteKind, ...])
     spec = _SPECS[family]
     sites: list[Site] = []
 
-    def add(name: str, kind: SiteKind, layer: int | None, capture: Literal["output", "input"] = "output") -> None:
+    def add(name: str, kind: SiteKind, layer: int | None, capture: Literal["output", "input"] = "output",
+            same_as: str | None = None) -> None:
         module = _try_get(model, name)
         if module is None:
             return
         label = name if capture == "output" else f"{name}:input"
-        sites.append(Site(label, kind, layer, module, capture, name))
+        sites.append(Site(label, kind, layer, module, capture, name, same_as))
 
     for i, (block_name, _) in enumerate(layer_modules(model)):
         if SiteKind.residual in kinds:
@@ -330,7 +334,9 @@ def _family_sites(model: nn.Module, family: Family, kinds: tuple[SiteKind, ...])
             for rel in spec.norms:
                 add(_join(block_name, rel), SiteKind.norm, i)
         if SiteKind.block_output in kinds:
-            add(block_name, SiteKind.block_output, i)
+            # post-norm blocks (BERT, DistilBERT) return their last norm's output tensor itself
+            last_norm = None if spec.pre_norm else _join(block_name, spec.norms[-1])
+            add(block_name, SiteKind.block_output, i, same_as=last_norm)
         if SiteKind.linear_input in kinds:
             block = model.get_submodule(block_name)
             for rel, module in block.named_modules():

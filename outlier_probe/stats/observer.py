@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from outlier_probe.config import ObserverConfig
+from outlier_probe.stats import kernels
 from outlier_probe.stats.moments import StreamingMoments, moments_result
 
 _F64 = torch.float64
@@ -20,10 +21,12 @@ PAPER_EPS = 1e-6  # added to std^4 in the reference code of Bondarenko et al. an
 # Upper bound on float64 elements processed at once, so temporaries stay bounded for huge
 # activations; whole sequences are never split, so this only groups sequences.
 _CHUNK_ELEMENTS = 1 << 23
-# Per-sequence results are buffered for this many updates and folded in with one vectorised pooling:
-# the exact merge of central moments costs dozens of tiny tensor ops, too many to pay per batch.
-# The buffer holds (rows,) tensors of at most this many updates, so state stays O(1) in tokens.
-_FLUSH_EVERY = 32
+# Per-sequence results (mean, M2, M3, M4, std, max|x|) wait in a fixed buffer of this many rows and
+# are folded in with one vectorised pooling when it fills: the exact merge of central moments costs
+# dozens of tiny tensor ops, too many to pay per batch. The buffer is preallocated, so an update
+# leaves no new allocation behind: small long-lived allocations between a model's large temporaries
+# were measured to make glibc return and re-fault the heap, slowing the next matmul by ~40%.
+_PENDING_ROWS = 256
 
 METRIC_DEFINITIONS: dict[str, str] = {
     "paper_kurtosis": "mean over sequences b of mean((x_b - mean(x_b))^4) / (std(x_b)^4 + 1e-6), "
@@ -133,11 +136,15 @@ class OutlierObserver:
         self.hist_edges = edges  # moved to the input's device on the first update
         self._edges_host: tuple[float, ...] = tuple(edges.tolist())  # so result() needs no extra sync
         self._pow2 = _is_default_pow2(self._edges_host)
+        self._kernel = self._pow2 and kernels.available()  # fused CPU kernel; the torch path otherwise
+        self._cpu: kernels.FusedCPU | None = None  # the kernel's views of the state (CPU, kernel on)
         self.moments = StreamingMoments()
         self.n_sequences = 0  # from shapes only, so a Python int costs no sync
         self._channels: int | None = None
         self._s: dict[str, Tensor] = {}
-        self._pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]] = []
+        self._pending: Tensor | None = None  # (_PENDING_ROWS, 6) float64, allocated with the state
+        self._n_pending = 0  # rows of _pending in use
+        self._pending_len = 0  # values per sequence of those rows
 
     def state_dict(self) -> dict[str, Tensor]:
         """All state tensors (empty before the first update)."""
@@ -145,12 +152,24 @@ class OutlierObserver:
         return {**self._s, **{f"moments.{k}": v for k, v in self.moments.state_dict().items()}}
 
     def _init_state(self, channels: int, device: torch.device) -> None:
+        self.hist_edges = self.hist_edges.to(device)
+        self._channels = channels
+        with torch.inference_mode(False):  # normal tensors: written in place in and out of inference mode
+            self._pending = torch.empty((_PENDING_ROWS, 6), dtype=_F64, device=device)
+            self._s = self._zero_state(channels, device)
+        self._bind_kernel()
+
+    def _bind_kernel(self) -> None:
+        """(Re)take the kernel's views after the state tensors were allocated or replaced."""
+        if self._kernel and self._pending is not None and self._pending.device.type == "cpu":
+            cfg = self.config
+            self._cpu = kernels.FusedCPU(self._s, self._pending, cfg.threshold, cfg.sigma_k, _POW2_LO, len(self._edges_host))
+
+    def _zero_state(self, channels: int, device: torch.device) -> dict[str, Tensor]:
         def zeros(*shape: int, dtype: torch.dtype = _F64) -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.hist_edges = self.hist_edges.to(device)
-        self._channels = channels
-        self._s = {
+        return {
             "paper_kurtosis_sum": zeros(),
             "paper_inf_norm_sum": zeros(),
             "max_abs": zeros(),
@@ -176,13 +195,25 @@ class OutlierObserver:
         elif x.device != self.hist_edges.device:
             raise ValueError(f"observer state is on {self.hist_edges.device}, input on {x.device}")
         seqs = x.detach().reshape(x.shape[0], -1)  # (B, n): sequence b = x[b] flattened
-        rows_per_chunk = max(1, _CHUNK_ELEMENTS // seqs.shape[1])
-        for chunk in seqs.split(rows_per_chunk):
-            self._update_rows(chunk, channels)
+        n = seqs.shape[1]
+        cpu = self._cpu if seqs.device.type == "cpu" else None
+        rows_per_chunk = max(1, min(_PENDING_ROWS, _CHUNK_ELEMENTS // n))
+        for chunk in (seqs,) if len(seqs) <= rows_per_chunk else seqs.split(rows_per_chunk):
+            if self._n_pending and (n != self._pending_len or self._n_pending + len(chunk) > _PENDING_ROWS):
+                self._flush()
+            start = self._n_pending
+            if cpu is None or not cpu.update(chunk, start):  # inf / NaN: the torch path propagates them exactly
+                self._update_rows(chunk, channels, self._pending[start : start + len(chunk)])
+                if cpu is not None:
+                    self._bind_kernel()  # the torch path replaced the state tensors the kernel writes into
+                    cpu = self._cpu
+            self._n_pending = start + len(chunk)
+            self._pending_len = n
         self.n_sequences += x.shape[0]
 
-    def _update_rows(self, rows: Tensor, channels: int) -> None:
-        """rows: (R, n) in the input's dtype, never written to (it may be the caller's own tensor).
+    def _update_rows(self, rows: Tensor, channels: int, out: Tensor) -> None:
+        """The torch path (any device). rows: (R, n) in the input's dtype, never written to (it may be the
+        caller's own tensor); out: the (R, 6) pending rows to fill.
 
         Only the moments need float64; abs, maxima, comparisons and bucketing are exact in the input's
         own dtype, so they run there (half the memory traffic for float32 activations).
@@ -199,10 +230,7 @@ class OutlierObserver:
         s["n_gt_ksigma"] = s["n_gt_ksigma"] + (dev2 > (cfg.sigma_k * std).square().unsqueeze(1)).sum()
 
         absx = rows.abs()  # (R, n), input dtype
-        seq_max = absx.amax(dim=1)  # (R,)
-        self._pending.append((n, mean, m2, m3, m4, std, seq_max))
-        if len(self._pending) >= _FLUSH_EVERY:
-            self._flush()
+        out.copy_(torch.stack([mean, m2, m3, m4, std, absx.amax(dim=1).to(_F64)], dim=1))
         s["channel_absmax"] = torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0).to(_F64))
         s["n_gt_threshold"] = s["n_gt_threshold"] + (absx > cfg.threshold).sum()
         if self._pow2:
@@ -219,19 +247,16 @@ class OutlierObserver:
             s["hist_counts"] = s["hist_counts"] + torch.bincount(idx, minlength=s["hist_counts"].numel())
 
     def _flush(self) -> None:
-        """Fold the buffered per-sequence results into the running state (vectorised, no host sync)."""
-        if not self._pending:
+        """Fold the pending per-sequence results into the running state (vectorised, no host sync)."""
+        if not self._n_pending:
             return
-        s, pending = self._s, self._pending
-        self._pending = []
-        sizes = {p[0] for p in pending}
-        for n in sorted(sizes):  # one group per sequence length (a single group in practice)
-            group = [p for p in pending if p[0] == n]
-            mean, m2, m3, m4, std = (torch.cat([p[i] for p in group]) for i in range(1, 6))
-            self.moments.add_central(n, mean, m2, m3, m4)
-            k = (m4 / n) / (std**4 + PAPER_EPS)  # per-sequence paper kurtosis
-            s["paper_kurtosis_sum"] = s["paper_kurtosis_sum"] + k.sum()
-        seq_max = torch.cat([p[6] for p in pending]).to(_F64)
+        assert self._pending is not None
+        s, n = self._s, self._pending_len
+        mean, m2, m3, m4, std, seq_max = self._pending[: self._n_pending].unbind(1)
+        self._n_pending = 0
+        self.moments.add_central(n, mean, m2, m3, m4)  # copies: the buffer is reused
+        k = (m4 / n) / (std**4 + PAPER_EPS)  # per-sequence paper kurtosis
+        s["paper_kurtosis_sum"] = s["paper_kurtosis_sum"] + k.sum()
         s["paper_inf_norm_sum"] = s["paper_inf_norm_sum"] + seq_max.sum()
         s["max_abs"] = torch.maximum(s["max_abs"], seq_max.amax())
 
@@ -256,6 +281,7 @@ class OutlierObserver:
             self._s[name] = torch.maximum(mine, theirs) if is_max else mine + theirs
         self.moments.merge(other.moments)
         self.n_sequences += other.n_sequences
+        self._bind_kernel()
 
     def result(self, top_k: int | None = None) -> SiteStats:
         """Host-side summary, one device->host transfer. Empty observer: counts 0, NaN floats."""

@@ -138,3 +138,66 @@ def test_input_side_hook_reads_keyword_hidden_states() -> None:
         block(x)
     assert len(obs["norm:input"].seen) == 2
     assert all(torch.equal(seen, x) for seen in obs["norm:input"].seen)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_post_norm_block_output_is_measured_once(family: str) -> None:
+    """A post-norm block returns its last norm's output tensor: one observer serves both sites."""
+    model = make_model(family)
+    ids = _ids()
+    sites = arch.find_sites(model)
+    blocks = [s for s in sites if s.kind is SiteKind.block_output]
+    assert blocks and all(s.same_as for s in blocks)
+    with torch.no_grad(), observe(sites, lambda s: OutlierObserver()) as obs:
+        obs.batch_size = ids.shape[0]
+        model(ids)
+        model(ids)
+    only_blocks = arch.find_sites(model, SiteSelection(kinds=(SiteKind.block_output,)))
+    with torch.no_grad(), observe(only_blocks, lambda s: OutlierObserver()) as alone:
+        alone.batch_size = ids.shape[0]
+        model(ids)
+        model(ids)
+    for block in blocks:
+        assert obs[block.name] is obs[block.same_as]
+        assert obs[block.name].result() == alone[block.name].result()  # what hooking it on its own measures
+
+
+class _Block(nn.Module):
+    """Returns its norm's output itself, or (copy=True) an equal tensor that is another object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.copy = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm(x)
+        return out * 2 if self.copy else out
+
+
+def _aliased_sites(block: _Block) -> list[Site]:
+    return [Site("norm", SiteKind.norm, 0, block.norm, "output", "norm"),
+            Site("block", SiteKind.block_output, 0, block, "output", "", same_as="norm")]
+
+
+def test_alias_that_does_not_hold_on_the_first_forward_gets_its_own_observer() -> None:
+    block, x = _Block(), torch.randn(2, 5, 4)
+    block.copy = True
+    with torch.no_grad(), observe(_aliased_sites(block), lambda s: OutlierObserver()) as obs:
+        block(x)
+        block(x)
+    assert obs["block"] is not obs["norm"]
+    assert obs["block"].result().max_abs == pytest.approx(2 * obs["norm"].result().max_abs)
+    assert obs["block"].result().n_sequences == 4
+
+
+def test_alias_that_breaks_later_is_an_error() -> None:
+    from outlier_probe.errors import ProbeError
+
+    block, x = _Block(), torch.randn(2, 5, 4)
+    with torch.no_grad(), observe(_aliased_sites(block), lambda s: OutlierObserver()) as obs:
+        block(x)
+        assert obs["block"] is obs["norm"]
+        block.copy = True
+        with pytest.raises(ProbeError, match="stopped returning the tensor of norm"):
+            block(x)
