@@ -50,6 +50,7 @@ _GATE_INPUT = "_op_gate_input"  # hidden_states stashed by the pre-hook for one 
 _GATE_HOOK = "_op_gate_hook"  # RemovableHandle of that pre-hook
 _GAMMA = "op_clip_gamma"
 _ZETA = "op_clip_zeta"
+_ALPHA = "op_clip_alpha"  # when set: gamma = -alpha / (number of keys), Bondarenko et al.'s form
 
 
 # --------------------------------------------------------------------------------------------- math
@@ -66,12 +67,17 @@ def softmax1(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return e / (torch.exp(-m) + e.sum(dim=dim, keepdim=True))
 
 
-def clipped_softmax(x: torch.Tensor, gamma: float, zeta: float = 1.0, dim: int = -1) -> torch.Tensor:
+def clipped_softmax(x: torch.Tensor, gamma: float, zeta: float = 1.0, dim: int = -1,
+                    alpha: float | None = None) -> torch.Tensor:
     """clamp((zeta - gamma) * softmax(x) + gamma, 0, 1) (Bondarenko et al., 2023).
 
-    -inf logits are first raised to finfo.min, so a fully masked row gives a finite (uniform-then-
+    alpha, when given, replaces gamma by -alpha / T with T = x.shape[dim] (the number of keys), the
+    paper's parametrisation: the clip then scales with the sequence length. A uniform row (1/T each)
+    survives the clip only for alpha < T / (T - 1), i.e. about alpha < 1. -inf logits are first raised to finfo.min, so a fully masked row gives a finite (uniform-then-
     clipped) row instead of NaN; finite logits are unchanged.
     """
+    if alpha is not None:
+        gamma = -alpha / x.shape[dim]
     x = x.clamp(min=torch.finfo(x.dtype).min)
     return torch.clamp((zeta - gamma) * torch.softmax(x, dim=dim) + gamma, 0.0, 1.0)
 
@@ -263,7 +269,7 @@ def op_clipped_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clipped softmax attention (always eager: the clamp has no fused form)."""
     gamma, zeta = getattr(module, _GAMMA, DEFAULT_GAMMA), getattr(module, _ZETA, DEFAULT_ZETA)
-    prob_fn = functools.partial(clipped_softmax, gamma=gamma, zeta=zeta)
+    prob_fn = functools.partial(clipped_softmax, gamma=gamma, zeta=zeta, alpha=getattr(module, _ALPHA, None))
     return _eager(module, query, key, value, attention_mask, scaling, dropout, prob_fn, kwargs)
 
 
@@ -371,6 +377,7 @@ def apply_attention_variant(
     num_heads: int,
     gamma: float = DEFAULT_GAMMA,
     zeta: float = DEFAULT_ZETA,
+    alpha: float | None = None,
     gate_init: float = DEFAULT_GATE_INIT,
     hookable: bool = False,
 ) -> dict[str, Any]:
@@ -386,6 +393,8 @@ def apply_attention_variant(
         raise UsageError("no attention modules given; arch.attention_modules(model) found none for this model")
     if variant is AttentionVariant.clipped and not (gamma <= 0.0 and zeta >= 1.0):
         raise UsageError(f"clipped softmax needs gamma <= 0 and zeta >= 1 (got gamma={gamma}, zeta={zeta})")
+    if variant is AttentionVariant.clipped and alpha is not None and not alpha >= 0.0:
+        raise UsageError(f"clipped softmax needs alpha >= 0 (gamma = -alpha / T), got {alpha}")
     if variant is AttentionVariant.gated and not 0.0 < gate_init < 1.0:
         raise UsageError(f"gate_init must be in (0, 1), got {gate_init}")
     names = register_attention_functions()
@@ -399,6 +408,10 @@ def apply_attention_variant(
         if variant is AttentionVariant.clipped:
             setattr(module, _GAMMA, float(gamma))
             setattr(module, _ZETA, float(zeta))
+            if alpha is None:
+                module.__dict__.pop(_ALPHA, None)
+            else:
+                setattr(module, _ALPHA, float(alpha))
 
     # softmax also switches when hookable, or to leave a variant set earlier on this model
     if variant is not AttentionVariant.softmax or hookable or attention_implementation(model) in names.values():
@@ -407,6 +420,8 @@ def apply_attention_variant(
     meta: dict[str, Any] = {"attention": variant.value}
     if variant is AttentionVariant.clipped:
         meta.update(gamma=float(gamma), zeta=float(zeta))
+        if alpha is not None:
+            meta.update(alpha=float(alpha))
     elif variant is AttentionVariant.gated:
         meta.update(gate_init=float(gate_init))
     return meta
@@ -421,5 +436,5 @@ def parse_attention_metadata(meta: dict[str, Any] | None) -> tuple[AttentionVari
     except (KeyError, ValueError) as e:
         choices = ", ".join(v.value for v in AttentionVariant)
         raise UsageError(f"unknown attention metadata {meta!r}; 'attention' must be one of {choices}") from e
-    keys = {"clipped": ("gamma", "zeta"), "gated": ("gate_init",)}.get(variant.value, ())
+    keys = {"clipped": ("gamma", "zeta", "alpha"), "gated": ("gate_init",)}.get(variant.value, ())
     return variant, {k: float(meta[k]) for k in keys if k in meta}

@@ -36,6 +36,10 @@ class FamilyPlan:
     batch_size: int
     eval_samples: int  # sequences / images for the compare pass
     eval_every: int
+    # clipped twin: gamma = -alpha / T. None keeps --gamma's default (-0.025, alpha = 3.2 at T = 128);
+    # ViT's 50 tokens need alpha < 1, or the near-uniform attention of a fresh model is clipped to
+    # zero everywhere and the CLS token never sees the image (what the first cpu-small run showed)
+    clip_alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,14 @@ SCALES: dict[str, Scale] = {
     "cpu-small": Scale("cpu-small", (
         FamilyPlan(Arch.opt, "small", 900, 600, 128, 16, 32, 100),
         FamilyPlan(Arch.bert, "small", 500, 300, 128, 16, 32, 100),
-        FamilyPlan(Arch.vit, "tiny", 240, 300, 0, 64, 512, 100),
+        FamilyPlan(Arch.vit, "tiny", 240, 300, 0, 64, 512, 100, clip_alpha=0.5),
     ), vocab_size=4096, device="cpu", text="prose"),
     # One ten-minute GPU run: outliers need ~10^8 tokens (H200 sizing: ~850k tokens/s per 6x512 model
     # in bf16), so only the decisive pair is trained by default: vanilla and softmax_1, 131M tokens each.
     "gpu": Scale("gpu", (
         FamilyPlan(Arch.opt, "medium", 240, 4000, 256, 128, 64, 500),
         FamilyPlan(Arch.bert, "medium", 90, 1500, 256, 128, 64, 500),
-        FamilyPlan(Arch.vit, "tiny", 30, 1000, 0, 256, 1024, 200),
+        FamilyPlan(Arch.vit, "tiny", 30, 1000, 0, 256, 1024, 200, clip_alpha=0.5),
     ), vocab_size=8192, device="auto", text="code+prose",
         variants=(AttentionVariant.softmax, AttentionVariant.softmax1), max_chars=100_000_000),
 }
@@ -147,7 +151,8 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] = print) -
             run = f"{plan.arch.value}-{variant.value}"
             log(f"training {run} ({plan.size}, {plan.steps} steps, cap {plan.time_budget * cfg.time_scale:.0f} s)")
             result = train(TrainConfig(
-                arch=plan.arch, size=plan.size, attention=variant, data=data_path, include=include, tokenizer=tokenizer_dir,
+                arch=plan.arch, size=plan.size, attention=variant,
+                alpha=plan.clip_alpha if variant is AttentionVariant.clipped else None, data=data_path, include=include, tokenizer=tokenizer_dir,
                 max_chars=scale.max_chars if plan.arch is not Arch.vit else None,
                 vocab_size=scale.vocab_size, seq_len=plan.seq_len or 128, batch_size=plan.batch_size,
                 steps=plan.steps, time_budget=plan.time_budget * cfg.time_scale, eval_every=plan.eval_every,

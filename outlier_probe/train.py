@@ -38,7 +38,7 @@ LOG_FILE = "train_log.csv"
 CONFIG_FILE = "train_config.json"
 LOG_COLUMNS = ("run", "step", "tokens", "train_loss", "eval_loss", "avg_kurtosis", "max_inf_norm", "tokens_per_s", "elapsed_s")
 # settings a --resume must share with the run it continues (steps, budget, eval cadence may change)
-_RESUME_KEYS = ("arch", "size", "layers", "hidden", "heads", "attention", "gamma", "zeta", "gate_init", "init_from", "data",
+_RESUME_KEYS = ("arch", "size", "layers", "hidden", "heads", "attention", "gamma", "zeta", "alpha", "gate_init", "init_from", "data",
                 "include", "tokenizer", "vocab_size", "seq_len", "batch_size", "seed", "channels", "image_size", "patch_size")
 
 
@@ -75,6 +75,7 @@ class TrainConfig:
     attention: AttentionVariant = AttentionVariant.softmax
     gamma: float = DEFAULT_GAMMA  # clipped softmax lower clip (<= 0)
     zeta: float = DEFAULT_ZETA  # clipped softmax upper stretch (>= 1)
+    alpha: float | None = None  # clipped softmax: gamma = -alpha / T (T = keys per row) instead of gamma
     gate_init: float = DEFAULT_GATE_INIT  # gated attention: sigmoid(gate) at initialisation
     init_from: str | None = None  # --from: pretrained checkpoint to fine-tune (arch and shape come from it)
     data: Path | None = None  # text file / folder (default: built-in text); vit: image folder or idx files
@@ -166,13 +167,15 @@ class TrainConfig:
             raise UsageError(f"--image-size {self.image_size} is not divisible by --patch-size {self.patch_size}")
         if self.attention is AttentionVariant.clipped and not (self.gamma <= 0.0 and self.zeta >= 1.0):
             raise UsageError(f"clipped softmax needs --gamma <= 0 and --zeta >= 1 (got {self.gamma}, {self.zeta})")
+        if self.alpha is not None and not self.alpha >= 0.0:
+            raise UsageError(f"--alpha must be >= 0 (gamma = -alpha / T), got {self.alpha}")
         if self.attention is AttentionVariant.gated and not 0.0 < self.gate_init < 1.0:
             raise UsageError(f"--gate-init must be in (0, 1), got {self.gate_init}")
 
     @property
     def variant_params(self) -> dict[str, float]:
         if self.attention is AttentionVariant.clipped:
-            return {"gamma": self.gamma, "zeta": self.zeta}
+            return {"gamma": self.gamma, "zeta": self.zeta, **({} if self.alpha is None else {"alpha": self.alpha})}
         if self.attention is AttentionVariant.gated:
             return {"gate_init": self.gate_init}
         return {}

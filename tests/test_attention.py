@@ -115,6 +115,14 @@ def test_clipped_softmax_formula() -> None:
     torch.testing.assert_close(clipped_softmax(x, 0.0, 1.0), p)  # gamma=0, zeta=1 is plain softmax
 
 
+def test_clipped_softmax_alpha_scales_gamma_with_the_number_of_keys() -> None:
+    x = torch.randn(3, 50, dtype=torch.float64)
+    torch.testing.assert_close(clipped_softmax(x, gamma=-9.0, alpha=0.5), clipped_softmax(x, gamma=-0.5 / 50))
+    uniform = torch.zeros(1, 50)  # a fresh ViT's CLS row over 49 patches + itself, roughly
+    assert clipped_softmax(uniform, gamma=-0.025).sum() == 0  # fixed gamma: the row is clipped away
+    assert clipped_softmax(uniform, gamma=0.0, alpha=0.5).sum() == pytest.approx(1.0 - 0.5 + 0.5 / 50)
+
+
 # ------------------------------------------------------------------- attention functions, directly
 
 
@@ -512,12 +520,17 @@ def test_clipped_parameters_are_stored_and_validated() -> None:
     assert all(m.op_clip_gamma == -0.1 and m.op_clip_zeta == 1.05 for _, m in _attention_modules(model))
     with pytest.raises(UsageError, match="gamma <= 0"):
         _build("bert", V.clipped, gamma=0.1)
+    model, meta = _build("vit", V.clipped, alpha=0.5)
+    assert meta["alpha"] == 0.5 and all(m.op_clip_alpha == 0.5 for _, m in _attention_modules(model))
+    with pytest.raises(UsageError, match="alpha >= 0"):
+        _build("bert", V.clipped, alpha=-1.0)
     with pytest.raises(UsageError, match="gate_init"):
         _build("bert", V.gated, gate_init=1.0)
 
 
 def test_metadata_round_trip() -> None:
     for variant, kw in [(V.softmax, {}), (V.softmax1, {}), (V.clipped, {"gamma": -0.02, "zeta": 1.0}),
+                        (V.clipped, {"gamma": -0.025, "zeta": 1.0, "alpha": 0.5}),
                         (V.gated, {"gate_init": 0.4})]:
         model, meta = _build("gpt2", variant, **kw)
         assert parse_attention_metadata(meta) == (variant, kw)

@@ -34,6 +34,7 @@ def train_command(
     attention: Annotated[str, _opt("--attention", help="softmax (vanilla), softmax1 (OutEffHop), clipped, gated.")] = "softmax",
     gamma: Annotated[float, _opt("--gamma", help="Clipped softmax lower clip (<= 0).")] = -0.025,
     zeta: Annotated[float, _opt("--zeta", help="Clipped softmax upper stretch (>= 1).")] = 1.0,
+    alpha: Annotated[Optional[float], _opt("--alpha", help="Clipped softmax: gamma = -alpha / T, T the keys per row (the paper's form; replaces --gamma). alpha < 1 keeps uniform attention unclipped at initialisation.")] = None,
     gate_init: Annotated[float, _opt("--gate-init", help="Gated attention: gate value at initialisation, in (0, 1).")] = 0.25,
     init_from: Annotated[Optional[str], _opt("--from", help="Fine-tune this checkpoint (folder or hub id) with --attention swapped in.")] = None,
     data: Annotated[Optional[Path], _opt("--data", help="Text file or folder of text files (see --include-files), default the built-in English text; vit: an image folder (one sub-folder per class) or MNIST-style idx files.")] = None,
@@ -76,7 +77,7 @@ def train_command(
     from outlier_probe.train import TrainConfig, train
 
     cfg = TrainConfig(
-        arch=arch, size=size, layers=layers, hidden=hidden, heads=heads, attention=attention, gamma=gamma, zeta=zeta,
+        arch=arch, size=size, layers=layers, hidden=hidden, heads=heads, attention=attention, gamma=gamma, zeta=zeta, alpha=alpha,
         gate_init=gate_init, init_from=init_from, data=data, include=include_files, max_chars=max_chars, tokenizer=tokenizer,
         vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size, steps=steps, time_budget=time_budget, lr=lr,
         min_lr_ratio=min_lr_ratio, warmup=warmup, schedule=schedule, betas=(beta1, beta2), weight_decay=weight_decay,
