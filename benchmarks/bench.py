@@ -91,7 +91,7 @@ def bench_hooks() -> None:
 
 
 _MEMORY_CHILD = """
-import json, resource, sys
+import json, sys
 from outlier_probe.config import DataConfig, LoadConfig, StatsConfig
 from outlier_probe.loading import builtin_checkpoint
 from outlier_probe.stats.run import run_stats
@@ -99,7 +99,9 @@ n = int(sys.argv[1])
 cfg = StatsConfig(load=LoadConfig(source=str(builtin_checkpoint())),
                   data=DataConfig(samples=n, seq_len=64, batch_size=16, path=None))
 run_stats(cfg)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process's own peak. ru_maxrss would carry over the parent's peak across fork + exec.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
@@ -134,32 +136,33 @@ def bench_attention() -> None:
     shape = Shape(6, 256, 4)
     cfg = build_config(Arch.opt, shape, vocab_size=4096, max_positions=512)
     ids = torch.randint(5, 4096, (16, 128))
-    results = {}
+    forwards, steps = [], []
     for variant in (AttentionVariant.softmax, AttentionVariant.softmax1):
         model = build_model(copy.deepcopy(cfg), seed=0)
         if variant is not AttentionVariant.softmax:
             set_attention(model, variant)
-        model.eval()
-
-        @torch.inference_mode()
-        def fwd() -> None:
-            model(input_ids=ids)
-
-        model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step() -> None:
+        @torch.inference_mode()
+        def fwd(model: torch.nn.Module = model) -> None:
+            model.eval()
+            model(input_ids=ids)
+
+        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            model.train()
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        t_fwd = best_of(fwd, 5)
-        t_step = best_of(step, 3)
-        results[variant] = (t_fwd, ids.numel() / t_step)
-    (f0, tps0), (f1, tps1) = results[AttentionVariant.softmax], results[AttentionVariant.softmax1]
-    print(f"attention OPT 6x256 fwd: softmax {f0 * 1e3:.1f} ms, softmax1 {f1 * 1e3:.1f} ms, speed ratio {f0 / f1:.3f}x; "
-          f"training: {tps0:,.0f} vs {tps1:,.0f} tokens/s, ratio {tps1 / tps0:.3f}x  (target >= 0.95x)")
+        forwards.append(fwd)
+        steps.append(step)
+    f0, f1, f_median = interleaved(forwards[0], forwards[1], 7)
+    s0, s1, s_median = interleaved(steps[0], steps[1], 5)
+    tps0, tps1 = ids.numel() / s0, ids.numel() / s1
+    print(f"attention OPT 6x256 fwd: softmax {f0 * 1e3:.1f} ms, softmax1 {f1 * 1e3:.1f} ms, speed ratio {f0 / f1:.3f}x "
+          f"(median of rounds {1 / f_median:.3f}x); training: {tps0:,.0f} vs {tps1:,.0f} tokens/s, ratio {tps1 / tps0:.3f}x "
+          f"(median of rounds {1 / s_median:.3f}x)  (target >= 0.95x)")
 
 
 BENCHES = {"hooks": bench_hooks, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention}

@@ -162,6 +162,10 @@ def _wants_eager(module: nn.Module) -> bool:
     return getattr(module, SCORE_QUANTIZER, None) is not None or getattr(module, PROB_QUANTIZER, None) is not None
 
 
+# torch's CPU flash-attention op returns (output, logsumexp); a private op, so its absence is tolerated
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _sdpa_softmax1(
     module: nn.Module,
     query: torch.Tensor,
@@ -172,12 +176,26 @@ def _sdpa_softmax1(
     dropout: float,
     kwargs: dict[str, Any],
 ) -> torch.Tensor:
-    """softmax_1 attention on the fused kernel: a zero key/value slot prepended at position 0."""
+    """softmax_1 attention on the fused kernel: a zero key/value slot prepended at position 0.
+
+    Without autograd on the CPU and without a mask tensor, the identity softmax_1-attention =
+    softmax-attention * sigmoid(logsumexp of the row's logits) is used instead: torch's CPU flash
+    kernel returns that logsumexp, so softmax_1 costs what vanilla costs (the zero slot copies K and V
+    and needs a dense mask: ~45% slower attention measured). Training keeps the zero slot, whose
+    gradient is exact (the kernel's logsumexp output is not differentiable).
+    """
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     q_len = query.shape[-2]
+    causal = _causal(module, kwargs) and q_len > 1
+    if (attention_mask is None and dropout == 0.0 and query.device.type == "cpu" and _CPU_FLASH is not None
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+            and (not causal or key.shape[-2] == q_len) and query.dtype == key.dtype == value.dtype):
+        out, lse = _CPU_FLASH(query, key, value, 0.0, causal, scale=scaling)[:2]  # (B, H, T, hd), (B, H, T)
+        out = out * torch.sigmoid(lse).unsqueeze(-1).to(out.dtype)  # exp(lse) / (1 + exp(lse))
+        return out.transpose(1, 2).contiguous()  # (B, T, H, hd)
     mask: torch.Tensor | CausalBias | None
-    if attention_mask is None and _causal(module, kwargs) and q_len > 1:
+    if attention_mask is None and causal:
         # mask skipped by transformers: sdpa's upper-left causal over the first q_len keys. With the zero
         # slot first, that is lower-right causal over 1 + q_len keys, which torch runs without a dense mask.
         key, value = key[:, :, :q_len], value[:, :, :q_len]

@@ -183,6 +183,30 @@ def test_softmax1_fused_and_eager_equal_reference(mask_kind: str, tq: int, tk: i
         assert torch.all(fast[1, 0] == 0)  # a fully masked row attends to nothing: output 0
 
 
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_softmax1_inference_route_equals_zero_slot_route(monkeypatch: pytest.MonkeyPatch, is_causal: bool) -> None:
+    """Without autograd the CPU path uses out * sigmoid(logsumexp) from torch's flash kernel; with
+    autograd the zero key/value slot. Both equal the reference."""
+    import outlier_probe.attention as attention_module
+
+    if attention_module._CPU_FLASH is None:
+        pytest.skip("this torch has no _scaled_dot_product_flash_attention_for_cpu")
+    calls = []
+    real = attention_module._CPU_FLASH
+    monkeypatch.setattr(attention_module, "_CPU_FLASH", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _qkv(tq=6, tk=6)
+    module = _Attn(is_causal=is_causal, groups=2)
+    ref_mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None] if is_causal else None
+    ref = _reference_attention(q, k, v, ref_mask, 0.3, softmax1)
+    with torch.no_grad():
+        inference, _ = op_softmax1_attention(module, q, k, v, None, scaling=0.3)
+    assert calls == [1]
+    slot, _ = op_softmax1_attention(module, q, k, v.clone().requires_grad_(True), None, scaling=0.3)
+    assert calls == [1]  # autograd: the zero-slot route
+    torch.testing.assert_close(inference, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slot.detach(), ref, atol=1e-5, rtol=0)
+
+
 def test_softmax1_fused_gradients_equal_eager() -> None:
     q, k, v = (t.double().requires_grad_(True) for t in _qkv())
     mask = _masks(2, 5, 5)["bool"]

@@ -120,8 +120,10 @@ class OutlierObserver:
     """Streaming outlier statistics of one hooked activation.
 
     State is allocated on the first update on the input's device and never grows with tokens.
-    update() never syncs the host; result() syncs once. State tensors are replaced rather than
-    modified in place, so updates also work on inference-mode tensors.
+    update() never syncs the host; result() syncs once. On the CPU the fused kernel (kernels.py)
+    folds each update into the state in place; elsewhere the torch path replaces the state tensors.
+    The state is allocated as normal (not inference-mode) tensors, so updates work in and out of
+    torch.inference_mode().
     Sequences with a single value have NaN std, so their paper kurtosis is NaN (as the reference)
     and they never count as k-sigma outliers.
     """
