@@ -37,3 +37,21 @@ def test_reproduction_rejects_unknown_scale_and_missing_baseline(tmp_path):
         ReproduceConfig(scale="huge", out=tmp_path)
     with pytest.raises(UsageError, match="baseline"):
         ReproduceConfig(scale="smoke", out=tmp_path, variants=(AttentionVariant.softmax1,))
+
+
+@pytest.mark.parametrize("scale", ["cpu-small", "gpu"])
+def test_every_preset_builds_valid_training_configs(scale: str, tmp_path) -> None:
+    """A preset that has never run (gpu: no machine lent so far) must at least configure every twin."""
+    from outlier_probe.reproduce import SCALES
+    from outlier_probe.train import TrainConfig
+
+    preset = SCALES[scale]
+    for plan in preset.families:
+        for variant in preset.variants:
+            cfg = TrainConfig(arch=plan.arch, size=plan.size, attention=variant, steps=plan.steps,
+                              alpha=plan.clip_alpha if variant is AttentionVariant.clipped else None,
+                              seq_len=plan.seq_len or 128, batch_size=plan.batch_size, vocab_size=preset.vocab_size,
+                              time_budget=plan.time_budget, eval_every=plan.eval_every, out=tmp_path / "x")
+            assert cfg.variant_params.get("alpha") == (plan.clip_alpha if variant is AttentionVariant.clipped else None)
+    vit = next(p for p in preset.families if p.arch is Arch.vit)
+    assert vit.clip_alpha is not None and vit.clip_alpha < 1  # uniform attention over 50 tokens survives the clip
