@@ -9,7 +9,7 @@ from typing import Any
 
 from outlier_probe import __version__
 
-_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "pandas", "bitsandbytes", "accelerate")
+_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "pandas", "numba", "bitsandbytes", "accelerate")
 
 
 def versions() -> dict[str, str]:
@@ -29,4 +29,14 @@ def header(command: str) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "platform": platform.platform(),
+        "observers": observer_path(),
     }
+
+
+def observer_path() -> str:
+    """Which implementation computed the statistics (they agree; the last bits of float sums may not)."""
+    from outlier_probe.stats import kernels
+
+    if kernels.available():
+        return "fused numba kernel for CPU tensors (stats/kernels.py), torch elsewhere"
+    return "torch (OUTLIER_PROBE_KERNEL=torch or numba unavailable)"

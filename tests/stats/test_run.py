@@ -153,6 +153,7 @@ def test_real_minilm_on_wikitext_end_to_end(minilm_path: Path, wikitext_path: Pa
     doc = json.loads((out / "summary.json").read_text())
     assert {"versions", "settings", "data", "summary", "definitions", "model"} <= set(doc)
     assert doc["versions"]["torch"] == torch.__version__
+    assert doc["versions"]["numba"] and "kernel" in doc["observers"]
     assert doc["settings"]["data"]["samples"] == 8 and doc["settings"]["data"]["seq_len"] == 128
     assert doc["data"]["sequences"] == 8 and doc["data"]["tokens"] == 8 * 128
     assert doc["model"]["family"] == "bert" and doc["model"]["layers"] == 6
