@@ -19,13 +19,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from outlier_probe import arch
-from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, ObserverConfig, SiteSelection
+from outlier_probe.config import AttentionVariant, LoadConfig, ObserverConfig, SiteSelection
 from outlier_probe.loading import builtin_checkpoint, load_model, set_attention
 from outlier_probe.models import Arch, Shape, build_config, build_model
 from outlier_probe.stats.hooks import observe
@@ -42,16 +41,6 @@ def opt125m_shape() -> torch.nn.Module:
 
 def minilm() -> torch.nn.Module:
     return load_model(LoadConfig(source=str(builtin_checkpoint()))).model
-
-
-def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def interleaved(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 11) -> tuple[float, float, float]:

@@ -1,18 +1,20 @@
-"""Fused CPU kernel for OutlierObserver: every per-value statistic in two parallel passes.
+"""Fused CPU kernel for OutlierObserver: every per-value statistic in a few cache-resident passes.
 
 The torch path of the observer costs ~20 elementwise passes per site (float64 copies, deviations,
 powers, abs, compares, exponent bins), which is more time than the layer it observes on a CPU.
-This kernel (numba) reads each value three times while its chunk is cache-resident:
+This kernel (numba) works on chunks of one sequence (a whole sequence when it is short enough):
 
-    region 1, per chunk of a sequence:  sum, |x|, channel absmax, |x| > threshold, exponent histogram;
-                                        then M2..M4 about the chunk's own mean (two-pass, float64)
-    host (serial, per sequence):        pool the chunks into the sequence's mean, M2..M4 (exact shift)
-    region 2, per chunk:                |x - mean_b| > k * std_b  (needs the sequence's std)
+    per chunk, in parallel:   sum, |x|, channel absmax, |x| > threshold; M2..M4 about the chunk's own
+                              mean (two-pass, float64); histogram of the float exponent
+    per sequence, serially:   pool the chunks into the sequence's mean, M2..M4 (exact shift of origin)
+    per chunk, in parallel:   |x - mean_b| > k * std_b (needs the whole sequence's std; done in the
+                              first pass when a chunk is the whole sequence)
 
 The formulas are those of observer.py's torch path; tests/stats/test_kernels.py checks both agree.
 Floating-point sums are reassociated (vectorised), so the last bits may differ from torch's order;
-for a given machine the result is deterministic. Anything unusual (non-finite values, custom
-histogram edges, non-CPU tensors, numba missing) goes through the torch path instead.
+the work split depends on the shape only, so results do not depend on the thread count. Anything
+unusual (non-finite values, custom histogram edges, non-CPU tensors, numba missing) goes through the
+torch path instead.
 """
 
 from __future__ import annotations
@@ -222,8 +224,8 @@ def exponent_bin_table(dtype: torch.dtype, lo: int, n_edges: int) -> np.ndarray:
 class FusedCPU:
     """The kernel's handle on one observer's CPU state: numpy views sharing the state tensors' memory.
 
-    Built once per state allocation (views are taken outside the per-batch path); `update` then folds
-    rows into that state in place.
+    Built once, when the observer allocates its state (which is only ever updated in place), so no
+    view is taken per batch; `update` folds rows into that state in place.
     """
 
     def __init__(self, state: dict[str, Tensor], pending: Tensor, threshold: float, sigma_k: float,

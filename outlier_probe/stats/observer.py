@@ -120,10 +120,9 @@ class OutlierObserver:
     """Streaming outlier statistics of one hooked activation.
 
     State is allocated on the first update on the input's device and never grows with tokens.
-    update() never syncs the host; result() syncs once. On the CPU the fused kernel (kernels.py)
-    folds each update into the state in place; elsewhere the torch path replaces the state tensors.
-    The state is allocated as normal (not inference-mode) tensors, so updates work in and out of
-    torch.inference_mode().
+    update() never syncs the host; result() syncs once. Every update (the fused CPU kernel of
+    kernels.py, or the torch path elsewhere) writes into the state tensors in place; they are
+    allocated as normal (not inference-mode) tensors, so that works in and out of torch.inference_mode().
     Sequences with a single value have NaN std, so their paper kurtosis is NaN (as the reference)
     and they never count as k-sigma outliers.
     """
@@ -159,11 +158,7 @@ class OutlierObserver:
         with torch.inference_mode(False):  # normal tensors: written in place in and out of inference mode
             self._pending = torch.empty((_PENDING_ROWS, 6), dtype=_F64, device=device)
             self._s = self._zero_state(channels, device)
-        self._bind_kernel()
-
-    def _bind_kernel(self) -> None:
-        """(Re)take the kernel's views after the state tensors were allocated or replaced."""
-        if self._kernel and self._pending is not None and self._pending.device.type == "cpu":
+        if self._kernel and device.type == "cpu":  # views of the state, which is only ever updated in place
             cfg = self.config
             self._cpu = kernels.FusedCPU(self._s, self._pending, cfg.threshold, cfg.sigma_k, _POW2_LO, len(self._edges_host))
 
@@ -206,9 +201,6 @@ class OutlierObserver:
             start = self._n_pending
             if cpu is None or not cpu.update(chunk, start):  # inf / NaN: the torch path propagates them exactly
                 self._update_rows(chunk, channels, self._pending[start : start + len(chunk)])
-                if cpu is not None:
-                    self._bind_kernel()  # the torch path replaced the state tensors the kernel writes into
-                    cpu = self._cpu
             self._n_pending = start + len(chunk)
             self._pending_len = n
         self.n_sequences += x.shape[0]
@@ -229,24 +221,24 @@ class OutlierObserver:
         m2, m3, m4 = dev2.sum(dim=1), (dev2 * dev).sum(dim=1), (dev2 * dev2).sum(dim=1)
         std = (m2 / (n - 1)).sqrt() if n > 1 else torch.full_like(m2, math.nan)  # unbiased, as the reference
         # |dev| > k*std  <=>  dev^2 > (k*std)^2 (std >= 0; NaN std compares False): reuses dev2
-        s["n_gt_ksigma"] = s["n_gt_ksigma"] + (dev2 > (cfg.sigma_k * std).square().unsqueeze(1)).sum()
+        s["n_gt_ksigma"].add_((dev2 > (cfg.sigma_k * std).square().unsqueeze(1)).sum())
 
         absx = rows.abs()  # (R, n), input dtype
         out.copy_(torch.stack([mean, m2, m3, m4, std, absx.amax(dim=1).to(_F64)], dim=1))
-        s["channel_absmax"] = torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0).to(_F64))
-        s["n_gt_threshold"] = s["n_gt_threshold"] + (absx > cfg.threshold).sum()
+        torch.maximum(s["channel_absmax"], absx.reshape(-1, channels).amax(dim=0).to(_F64), out=s["channel_absmax"])
+        s["n_gt_threshold"].add_((absx > cfg.threshold).sum())
         if self._pow2:
             idx = _octave_bins(absx).reshape(-1)
         else:
-            s["n_nonfinite"] = s["n_nonfinite"] + (~torch.isfinite(absx)).sum()
+            s["n_nonfinite"].add_((~torch.isfinite(absx)).sum())
             # right=True: bin i holds edges[i-1] <= |x| < edges[i]; 0 and NaN/inf fall in the end bins.
             # bucketize compares against the float64 edges, so bins match the float64 computation exactly.
             idx = torch.bucketize(absx, self.hist_edges, right=True).reshape(-1)
         if idx.is_cuda:  # bincount would sync the host to size its output
             ones = torch.ones((), dtype=torch.int64, device=idx.device).expand(idx.numel())
-            s["hist_counts"] = s["hist_counts"].index_add(0, idx, ones)
+            s["hist_counts"].index_add_(0, idx, ones)
         else:
-            s["hist_counts"] = s["hist_counts"] + torch.bincount(idx, minlength=s["hist_counts"].numel())
+            s["hist_counts"].add_(torch.bincount(idx, minlength=s["hist_counts"].numel()))
 
     def _flush(self) -> None:
         """Fold the pending per-sequence results into the running state (vectorised, no host sync)."""
@@ -258,9 +250,9 @@ class OutlierObserver:
         self._n_pending = 0
         self.moments.add_central(n, mean, m2, m3, m4)  # copies: the buffer is reused
         k = (m4 / n) / (std**4 + PAPER_EPS)  # per-sequence paper kurtosis
-        s["paper_kurtosis_sum"] = s["paper_kurtosis_sum"] + k.sum()
-        s["paper_inf_norm_sum"] = s["paper_inf_norm_sum"] + seq_max.sum()
-        s["max_abs"] = torch.maximum(s["max_abs"], seq_max.amax())
+        s["paper_kurtosis_sum"].add_(k.sum())
+        s["paper_inf_norm_sum"].add_(seq_max.sum())
+        torch.maximum(s["max_abs"], seq_max.amax(), out=s["max_abs"])
 
     def merge(self, other: OutlierObserver) -> None:
         """Fold in another observer of the same site (other batches / processes); `other` is unchanged."""
@@ -280,10 +272,9 @@ class OutlierObserver:
         for name, mine in self._s.items():
             theirs = other._s[name].to(device)
             is_max = name in ("max_abs", "channel_absmax")
-            self._s[name] = torch.maximum(mine, theirs) if is_max else mine + theirs
+            torch.maximum(mine, theirs, out=mine) if is_max else mine.add_(theirs)
         self.moments.merge(other.moments)
         self.n_sequences += other.n_sequences
-        self._bind_kernel()
 
     def result(self, top_k: int | None = None) -> SiteStats:
         """Host-side summary, one device->host transfer. Empty observer: counts 0, NaN floats."""
