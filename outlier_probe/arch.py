@@ -247,6 +247,31 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_children() if n != prefix]
 
 
+def linear_module_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(Linear modules outside the heads, Linear modules inside the heads), by module name."""
+    heads = tuple(head_module_names(model))
+    body, head = [], []
+    for name, module in model.named_modules():
+        if name and _is_linear(module):
+            (head if name in heads or name.startswith(tuple(h + "." for h in heads)) else body).append(name)
+    return body, head
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """Modules that build the input embeddings: every nn.Embedding / patch Conv2d outside the blocks and
+    heads, or the `...embeddings` container holding them (BERT's also holds the embedding LayerNorm)."""
+    blocks = tuple(n + "." for n, _ in layer_modules(model))
+    heads = tuple(h + "." for h in head_module_names(model))
+    out: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(blocks + heads) or not isinstance(module, (nn.Embedding, nn.Conv2d)):
+            continue
+        parts = name.split(".")
+        container = next((".".join(parts[:i]) for i in range(1, len(parts)) if parts[i - 1].endswith("embeddings")), None)
+        out.append(container or name)
+    return list(dict.fromkeys(out))
+
+
 def embedding_sum_site(model: nn.Module) -> Site | None:
     """Where the token + position embedding sum can be observed (input of the embedding norm or block 0)."""
     family = family_of(model)

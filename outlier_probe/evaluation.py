@@ -181,6 +181,22 @@ def hidden_fidelity(model: nn.Module, batches: Sequence[Batch], reference: Seque
     return Score(MetricName.hidden_cosine, cos_sum / max(tokens, 1), {"relative_error": math.sqrt(err_num / max(err_den, 1e-30))})
 
 
+def scored_logits(metric: MetricName, logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """The (N, V) rows of `logits` that `metric` scores in `batch` (None: the metric reads no logits).
+
+    The same positions the scorers above use: next-token predictions on attended tokens, masked
+    positions, or every image.
+    """
+    if metric is MetricName.perplexity:
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))[:, 1:].to(logits.device).bool()
+        return logits[:, :-1][mask]
+    if metric is MetricName.mlm_perplexity:
+        return logits[batch["labels"].to(logits.device) != -100]
+    if metric is MetricName.accuracy:
+        return logits
+    return None
+
+
 def _exp_mean(nll: torch.Tensor, count: int) -> float:
     if count == 0:
         raise ProbeError("no tokens were scored; use longer sequences or more samples")
@@ -198,6 +214,14 @@ class Evaluator:
         if self.metric is MetricName.mlm_perplexity:
             self.batches = mask_for_mlm(self.batches, tokenizer, seed)
         self.reference: list[torch.Tensor] | None = None
+
+    def reference_score(self, model: nn.Module, progress: Progress | None = None) -> Score:
+        """Score the float model in one pass; for hidden-state fidelity that pass records the reference
+        (the float model's fidelity to itself is 1 by definition, no second pass)."""
+        if self.metric is MetricName.hidden_cosine:
+            self.reference = hidden_states(model, self.batches)
+            return Score(self.metric, 1.0, {"relative_error": 0.0})
+        return self(model, progress)
 
     def __call__(self, model: nn.Module, progress: Progress | None = None) -> Score:
         if self.metric is MetricName.perplexity:

@@ -22,3 +22,19 @@ def batch_progress(console: Console, label: str) -> Iterator[Callable[[int, int]
             bar.update(tasks[description], completed=done, total=total)
 
         yield update
+
+
+@contextmanager
+def run_progress(console: Console, label: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A bar over whole runs (model evaluations) with the time left: update(done, total, what runs now)."""
+    from rich.progress import TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+                  disable=console.quiet or not console.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{label}: {what}")
+
+        yield update

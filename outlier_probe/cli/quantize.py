@@ -62,6 +62,7 @@ def quantize(
     calib_batches: o.CalibBatches = 4,
     backend: Annotated[Optional[list[Backend]], typer.Option("--backend", help="Also run a real backend: bnb-int8 (LLM.int8).")] = None,
     metric: o.Metric = None,
+    keep_float: o.KeepFloatOpt = None,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",
@@ -79,6 +80,7 @@ def quantize(
     as_json: o.Json = False,
 ) -> None:
     """Simulated W8A8 (or other widths) and optional LLM.int8: float vs quantized metric, per-site SQNR."""
+    from outlier_probe.quant.keep import parse_keep_float
     from outlier_probe.quant.run import QuantizeConfig, run_quantize
     from outlier_probe.report.io import check_out_dir
     from outlier_probe.report.quant_report import quantize_document, runs_table, sites_table, write_quantize_report
@@ -90,6 +92,7 @@ def quantize(
         recipes=recipes,
         backends=tuple(dict.fromkeys(backend or ())),
         metric=metric,
+        keep_float=parse_keep_float(keep_float),
     )
     target = check_out_dir(o.default_out(checkpoint, out, "-quantize"))  # created only once results exist
     quiet = quiet or as_json

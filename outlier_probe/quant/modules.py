@@ -181,10 +181,10 @@ class QuantLinear(nn.Module):
         weight: Tensor,
         bias: Tensor | None,
         *,
-        w_spec: QuantSpec,
+        w_spec: QuantSpec | None,
         w_estimator: str,
-        w_scale: Tensor,
-        w_zero_point: Tensor,
+        w_scale: Tensor | None,
+        w_zero_point: Tensor | None,
         input_quantizer: ActQuantizer | None = None,
         output_quantizer: ActQuantizer | None = None,
     ) -> None:
@@ -192,8 +192,8 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("w_scale", w_scale.to(weight.device))
-        self.register_buffer("w_zero_point", w_zero_point.to(weight.device))
+        self.register_buffer("w_scale", None if w_scale is None else w_scale.to(weight.device))
+        self.register_buffer("w_zero_point", None if w_zero_point is None else w_zero_point.to(weight.device))
         self.w_spec, self._w_estimator = w_spec, w_estimator
         self.input_quantizer = input_quantizer
         self.output_quantizer = output_quantizer
@@ -203,12 +203,15 @@ class QuantLinear(nn.Module):
         cls,
         module: nn.Module,
         *,
-        w_spec: QuantSpec,
+        w_spec: QuantSpec | None,
         w_estimator: Estimator | str | RangeEstimator = Estimator.minmax,
         input_quantizer: ActQuantizer | None = None,
         output_quantizer: ActQuantizer | None = None,
     ) -> QuantLinear:
-        """Wrap an nn.Linear or transformers Conv1D; per-channel axis 0 means output channels for both."""
+        """Wrap an nn.Linear or transformers Conv1D; per-channel axis 0 means output channels for both.
+
+        w_spec None keeps the weight in float (a copy); only the activation quantizers act then.
+        """
         from transformers.pytorch_utils import Conv1D  # lazy: transformers is slow to import
 
         if isinstance(module, Conv1D):
@@ -217,6 +220,9 @@ class QuantLinear(nn.Module):
             weight = module.weight.detach()
         else:
             raise TypeError(f"QuantLinear wraps nn.Linear or transformers Conv1D, got {type(module).__name__}")
+        if w_spec is None:
+            return cls(weight.clone().contiguous(), module.bias, w_spec=None, w_estimator="", w_scale=None,
+                       w_zero_point=None, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
         est = _as_estimator(w_estimator, w_spec)
         wq, scale, zero_point = quantize_weight(weight, w_spec, est)
         return cls(
@@ -271,17 +277,18 @@ class _WeightCopyWrapper(_Delegating):
         cls: type[_W],
         module: nn.Module,
         *,
-        w_spec: QuantSpec,
+        w_spec: QuantSpec | None,
         w_estimator: Estimator | str | RangeEstimator = Estimator.minmax,
         output_quantizer: ActQuantizer | None = None,
     ) -> _W:
-        """Wrap `module` (left untouched); a module whose weight is None only gets the output quantizer."""
+        """Wrap `module` (left untouched); a module whose weight is None (or w_spec None: weight kept in
+        float) only gets the output quantizer."""
         if not hasattr(module, "weight"):
             raise UsageError(
                 f"{type(module).__name__} has no `weight` to quantize; wrap it with OutputQuantized instead"
             )
         weight = module.weight
-        if isinstance(weight, Tensor):
+        if isinstance(weight, Tensor) and w_spec is not None:
             est = _as_estimator(w_estimator, w_spec)
             wq, scale, zero_point = quantize_weight(weight, w_spec, est)
             inner = _copy_with_weight(module, wq)

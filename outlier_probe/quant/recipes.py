@@ -21,7 +21,8 @@ from torch import nn
 from outlier_probe import arch
 from outlier_probe.config import AttentionVariant, SiteKind, SiteSelection
 from outlier_probe.errors import UsageError
-from outlier_probe.quant.modules import ActQuantizer, QuantEmbedding, QuantLinear, QuantNorm
+from outlier_probe.quant.keep import KeepFloat
+from outlier_probe.quant.modules import ActQuantizer, QuantEmbedding, QuantLinear, QuantNorm, _WeightCopyWrapper
 from outlier_probe.quant.quantizer import Estimator, PerChannel, PerTensor, QuantSpec
 
 
@@ -110,8 +111,13 @@ def _layer_of(name: str, blocks: list[str]) -> int | None:
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant = AttentionVariant.softmax,
-                   variant_params: dict[str, Any] | None = None) -> tuple[nn.Module, list[QuantSite]]:
-    """A fake-quantized deep copy of `model` (the float model is untouched) and its activation sites."""
+                   variant_params: dict[str, Any] | None = None,
+                   keep_float: KeepFloat | None = None) -> tuple[nn.Module, list[QuantSite]]:
+    """A fake-quantized deep copy of `model` (the float model is untouched) and its activation sites.
+
+    keep_float: quantization points (quant/keep.py) left in float; the sites returned are the quantized ones.
+    """
+    keep = keep_float.keeps if keep_float else (lambda _point: False)
     if cfg.recipe is Recipe.paper and arch.family_of(model) is arch.Family.generic:
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise UsageError(
@@ -133,9 +139,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant
     for name, module in modules:
         layer = _layer_of(name, blocks)
         if arch._is_linear(module):  # noqa: SLF001 - the adapter's own classification
-            act_in = cfg.act() if (not paper or name in attn_out) else None
-            act_out = cfg.act() if paper else None
-            new = QuantLinear.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator,
+            act_in = cfg.act() if (not paper or name in attn_out) and not keep(f"{name}:in") else None
+            act_out = cfg.act() if paper and not keep(f"{name}:out") else None
+            wq = None if keep(f"{name}:weight") else w_spec
+            if wq is None and act_in is None and act_out is None:
+                continue
+            new = QuantLinear.from_module(module, w_spec=wq, w_estimator=cfg.w_estimator,
                                           input_quantizer=act_in, output_quantizer=act_out)
             _set_module(qmodel, name, new)
             if act_in is not None:
@@ -144,16 +153,40 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant
             if act_out is not None:
                 sites.append(QuantSite(f"{name}:out", "linear_output", layer, act_out, name))
         elif paper and isinstance(module, (nn.Embedding, nn.Conv2d)):  # Conv2d: ViT's patch embedding
-            _set_module(qmodel, name, QuantEmbedding.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator))
+            if not keep(f"{name}:weight"):
+                _set_module(qmodel, name, QuantEmbedding.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator))
         elif paper and arch._is_norm(module):  # noqa: SLF001
-            act_out = cfg.act()
-            _set_module(qmodel, name, QuantNorm.from_module(module, w_spec=w_spec, w_estimator=cfg.w_estimator,
+            act_out = None if keep(f"{name}:out") else cfg.act()
+            wq = None if keep(f"{name}:weight") else w_spec
+            if wq is None and act_out is None:
+                continue
+            _set_module(qmodel, name, QuantNorm.from_module(module, w_spec=wq, w_estimator=cfg.w_estimator,
                                                              output_quantizer=act_out))
-            sites.append(QuantSite(f"{name}:out", "norm", layer, act_out, name))
+            if act_out is not None:
+                sites.append(QuantSite(f"{name}:out", "norm", layer, act_out, name))
     if paper:
-        sites += _quantize_residuals_and_embeddings(qmodel, cfg)
-        sites += _quantize_attention(qmodel, cfg, variant, variant_params or {})
+        sites += _quantize_residuals_and_embeddings(qmodel, cfg, keep)
+        sites += _quantize_attention(qmodel, cfg, variant, variant_params or {}, keep)
     return qmodel, sites
+
+
+@dataclass(frozen=True)
+class QuantPoint:
+    """One place a recipe rounds something (quant/keep.py names them)."""
+
+    name: str  # "<module>:weight" | ":in" | ":out" | ":scores" | ":probs"
+    kind: str  # "weight" or the activation site's kind
+    layer: int | None
+
+
+def quant_points(qmodel: nn.Module, sites: list[QuantSite]) -> list[QuantPoint]:
+    """Every quantization point of a quantized model: its fake-quantized weights, then its activation sites."""
+    blocks = [n for n, _ in arch.layer_modules(qmodel)]
+    points = []
+    for name, module in qmodel.named_modules():
+        if isinstance(module, (QuantLinear, _WeightCopyWrapper)) and module.w_spec is not None:
+            points.append(QuantPoint(f"{name}:weight", "weight", _layer_of(name, blocks)))
+    return points + [QuantPoint(s.name, s.kind, s.layer) for s in sites]
 
 
 def _hook_quantizer(module: nn.Module, attr: str, quantizer: ActQuantizer, capture: Literal["input", "output"]) -> None:
@@ -181,17 +214,20 @@ def _hook_quantizer(module: nn.Module, attr: str, quantizer: ActQuantizer, captu
         module.register_forward_hook(hook)
 
 
-def _quantize_residuals_and_embeddings(qmodel: nn.Module, cfg: QuantConfig) -> list[QuantSite]:
+def _quantize_residuals_and_embeddings(qmodel: nn.Module, cfg: QuantConfig, keep: Any) -> list[QuantSite]:
     sites: list[QuantSite] = []
     selection = SiteSelection(kinds=(SiteKind.residual, SiteKind.block_output))
     found = arch.find_sites(qmodel, selection)
     emb = arch.embedding_sum_site(qmodel)
     for site in ([emb] if emb is not None else []) + found:
-        quantizer = cfg.act()
         attr = "op_act_in" if site.capture == "input" else "op_act_out"
         module = qmodel.get_submodule(site.module_name)
         if hasattr(module, attr):  # a block's input quantizer already set (embedding sum = block 0 input)
             continue
+        if keep(f"{site.module_name}:{'in' if site.capture == 'input' else 'out'}"):
+            setattr(module, attr, None)  # marks the point as handled (kept float)
+            continue
+        quantizer = cfg.act()
         _hook_quantizer(module, attr, quantizer, site.capture)
         kind = "embedding_sum" if site is emb else site.kind.value
         sites.append(QuantSite(f"{site.module_name}:{'in' if site.capture == 'input' else 'out'}", kind, site.layer,
@@ -199,18 +235,21 @@ def _quantize_residuals_and_embeddings(qmodel: nn.Module, cfg: QuantConfig) -> l
     return sites
 
 
-def _quantize_attention(qmodel: nn.Module, cfg: QuantConfig, variant: AttentionVariant, params: dict[str, Any]) -> list[QuantSite]:
+def _quantize_attention(qmodel: nn.Module, cfg: QuantConfig, variant: AttentionVariant, params: dict[str, Any],
+                        keep: Any) -> list[QuantSite]:
     from outlier_probe import attention
 
     modules = arch.attention_modules(qmodel)
     info = arch.model_info(qmodel)
     sites: list[QuantSite] = []
     for i, (name, module) in enumerate(modules):
-        scores, probs = cfg.act(), cfg.act()
-        setattr(module, attention.SCORE_QUANTIZER, scores)
-        setattr(module, attention.PROB_QUANTIZER, probs)
-        sites.append(QuantSite(f"{name}:scores", "attn_scores", i, scores))
-        sites.append(QuantSite(f"{name}:probs", "attn_probs", i, probs))
+        for attr, point, kind in ((attention.SCORE_QUANTIZER, "scores", "attn_scores"),
+                                  (attention.PROB_QUANTIZER, "probs", "attn_probs")):
+            if keep(f"{name}:{point}"):
+                continue
+            quantizer = cfg.act()
+            setattr(module, attr, quantizer)
+            sites.append(QuantSite(f"{name}:{point}", kind, i, quantizer))
     attention.apply_attention_variant(qmodel, variant, modules=modules, hidden_size=info.hidden_size,
                                       num_heads=info.num_heads, hookable=True, **params)
     return sites

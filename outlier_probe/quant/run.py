@@ -14,11 +14,12 @@ from torch import nn
 from outlier_probe import arch
 from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, SiteKind, StatsConfig
 from outlier_probe.data import Batches, batches_for_model
-from outlier_probe.errors import ProbeError
+from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
 from outlier_probe.loading import LoadedModel, load_model
 from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, set_mode
-from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quantize_model
+from outlier_probe.quant.keep import KeepFloat
+from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quant_points, quantize_model
 from outlier_probe.stats.run import forward, measure_sites, settings_of
 from outlier_probe.stats.summary import summarize
 
@@ -33,6 +34,7 @@ class QuantizeConfig:
     backends: tuple[Backend, ...] = ()  # real backends run next to the simulated recipes
     metric: MetricName | None = None
     site_stats: bool = True  # kurtosis / inf-norm next to each site's SQNR
+    keep_float: KeepFloat | None = None  # quantization points left in float (a sensitivity plan or patterns)
 
 
 @dataclass
@@ -95,6 +97,31 @@ def calibrate(qmodel: nn.Module, batches: Batches) -> None:
     freeze_all(qmodel)
 
 
+def build_calibrated(loaded: LoadedModel, recipe: QuantConfig, calib: Batches,
+                     keep_float: KeepFloat | None = None) -> tuple[nn.Module, list[QuantSite]]:
+    """A quantized copy of the loaded model (points in `keep_float` left in float), ranges calibrated and frozen.
+
+    quantize and sensitivity both build every quantized model they score through here, so a plan step
+    and `quantize --keep-float PLAN` are the very same computation.
+    """
+    qmodel, qsites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params, keep_float)
+    if qsites:
+        calibrate(qmodel, calib)
+    return qmodel, qsites
+
+
+def check_keep_float(loaded: LoadedModel, recipe: QuantConfig, keep_float: KeepFloat) -> None:
+    """Every pattern / point of --keep-float must name a quantization point of this model and recipe."""
+    full, sites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params)
+    names = [p.name for p in quant_points(full, sites)]
+    del full
+    missing = keep_float.unmatched(names)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UsageError(f"--keep-float matches no quantization point of this model: {shown} "
+                         f"(points look like {names[0]!r}; patterns match module names)")
+
+
 class SQNRMeter:
     """Signal-to-quantization-noise ratio of each activation quantizer during evaluation (no host sync)."""
 
@@ -151,6 +178,8 @@ def _stats_sites(model: nn.Module, qsites: list[QuantSite]) -> list[arch.Site]:
 def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> QuantizeResult:
     """The whole `quantize` job: float score, then for each recipe / backend a calibrated quantized score."""
     loaded = loaded or load_model(cfg.load)
+    for recipe in cfg.recipes if cfg.keep_float else ():
+        check_keep_float(loaded, recipe, cfg.keep_float)
     torch.manual_seed(cfg.data.seed)
     image_size = getattr(loaded.model.config, "image_size", None)
     batches = batches_for_model(loaded.processor, loaded.info, cfg.data, image_size)
@@ -168,8 +197,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
     for recipe in cfg.recipes:
         calib = batches_for_model(loaded.processor, loaded.info, calibration_config(cfg.data, recipe), image_size)
         calib_desc = {**calib.describe(), "batches": len(calib.batches)}
-        qmodel, qsites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params)
-        calibrate(qmodel, calib)
+        qmodel, qsites = build_calibrated(loaded, recipe, calib, cfg.keep_float)
         with SQNRMeter(qsites) as meter:
             q_score = evaluator(qmodel, step(recipe.name))
         missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]

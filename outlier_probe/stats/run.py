@@ -107,6 +107,8 @@ def settings_of(cfg: Any) -> dict[str, Any]:
             return value.value
         if isinstance(value, Path):
             return str(value)
+        if isinstance(value, (set, frozenset)):
+            return sorted(plain(v) for v in value)
         if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
