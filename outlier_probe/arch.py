@@ -272,6 +272,18 @@ def embedding_module_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def residual_stream_sites(model: nn.Module) -> list[Site]:
+    """Per layer, where the residual stream leaving the block is seen un-normalised: the block output of a
+    pre-norm block; for a post-norm block (BERT-style) the residual sum entering its last norm."""
+    family = family_of(model)
+    if family is Family.generic or _SPECS[family].pre_norm:
+        return find_sites(model, SiteSelection(kinds=(SiteKind.block_output,)))
+    last = {}
+    for site in find_sites(model, SiteSelection(kinds=(SiteKind.residual,))):
+        last[site.layer] = site  # sites come in model order: the last residual norm of each block wins
+    return list(last.values())
+
+
 def embedding_sum_site(model: nn.Module) -> Site | None:
     """Where the token + position embedding sum can be observed (input of the embedding norm or block 0)."""
     family = family_of(model)
