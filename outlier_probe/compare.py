@@ -39,6 +39,11 @@ FIGURES: tuple[str, ...] = (
     "max_inf_norm_block_output",  # the papers' "max inf-norm"
     "max_inf_norm",  # over every hooked site
 )
+ATTENTION_FIGURES: tuple[str, ...] = (  # from the `attention` pass (its summary.json), after FIGURES in the table
+    "sink_rate",  # mean over heads of the fraction of queries with first-token mass > 0.3
+    "null_mass",  # mean over heads of 1 - sum p (softmax_1)
+    "massive_ratio",  # largest top |x| / median |x| of the residual stream over layers
+)
 QUANT_FIGURES = FIGURES[:4]
 
 DEFINITIONS: dict[str, str] = {
@@ -48,6 +53,9 @@ DEFINITIONS: dict[str, str] = {
     "degradation": "W8A8 metric - float metric (quantize.csv abs_change); for accuracy / hidden_cosine a negative "
     "value is a loss",
     "degradation_rel": "(W8A8 - float) / float (quantize.csv rel_change)",
+    "sink_rate": "attention: mean over heads of the fraction of queries whose first-token mass > 0.3",
+    "null_mass": "attention: mean over heads of 1 - sum p (the mass softmax_1 sends nowhere; ~0 for softmax)",
+    "massive_ratio": "attention: largest top |x| / median |x| of the residual stream over layers (Sun et al. 2024)",
     "no_quantize": "with --no-quantize no model is evaluated: float, quantized and degradation are NaN (empty in CSV, null in JSON) and left out of the tables",
 }
 
@@ -75,6 +83,7 @@ class CompareConfig:
     metric: MetricName | None = None  # None: each model's natural metric
     sites: SiteSelection = field(default_factory=SiteSelection)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
+    attention: bool = True  # also the `attention` pass: sink rate, null mass, massive activations
 
     def __post_init__(self) -> None:
         if len(self.entries) < 2:
@@ -146,9 +155,11 @@ class ModelRun:
     entry: CompareEntry
     stats: StatsResult
     quant: QuantizeResult | None
+    attention: Any = None  # diagnose.attention_run.AttentionResult, unless switched off
 
     def figures(self) -> dict[str, Any]:
         s = self.stats.summary
+        a = self.attention.summary() if self.attention is not None else {}
         out: dict[str, Any] = {
             "name": self.entry.name,
             "source": self.entry.load.source,
@@ -161,6 +172,7 @@ class ModelRun:
             "max_kurtosis": _num(s.get("max_kurtosis")),
             "max_inf_norm_block_output": _num(s.get("max_inf_norm_block_output")),
             "max_inf_norm": _num(s.get("max_inf_norm")),
+            **{key: _num(a.get(key)) for key in ATTENTION_FIGURES},
         }
         if self.quant is not None:
             row = self.quant.rows()[0]
@@ -198,7 +210,7 @@ def compare_rows(figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
         same_metric = row.get("metric") == base.get("metric")
         extra = {
             f"{key}_vs_baseline": relative_change(row[key], base[key]) if same_metric or key not in QUANT_FIGURES else math.nan
-            for key in FIGURES
+            for key in (*FIGURES, *ATTENTION_FIGURES) if key in row
         }
         rows.append({**row, **extra})
     return rows
@@ -223,7 +235,13 @@ def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> Compare
             qcfg = QuantizeConfig(load=entry.load, data=cfg.data, recipes=(cfg.recipe,), metric=cfg.metric)
             step = None if progress is None else (lambda d, t, label, n=entry.name: progress(d, t, f"{n}: evaluating {label}"))
             quant = run_quantize(qcfg, progress=step, loaded=loaded)
-        runs.append(ModelRun(entry, stats, quant))
+        heads = None
+        if cfg.attention:
+            from outlier_probe.diagnose.attention_run import AttentionConfig, run_attention
+
+            heads = run_attention(AttentionConfig(load=entry.load, data=cfg.data, observer=cfg.observer),
+                                  progress=_labelled(progress, f"{entry.name}: attention"), loaded=loaded)
+        runs.append(ModelRun(entry, stats, quant, heads))
         del loaded
         gc.collect()
     return CompareResult(runs, settings_of(cfg), _notes(runs))

@@ -31,9 +31,12 @@ THRESHOLD_METRICS: dict[str, str] = {
     "max_ppl_increase": "ppl_increase",
     "max_ppl_ratio": "ppl_ratio",
     "min_recovery": "recovery",
+    "max_sink_rate": "sink_rate",
+    "max_massive_ratio": "massive_ratio",
 }
 STATS_METRICS = ("avg_kurtosis", "max_kurtosis", "max_inf_norm", "max_outlier_fraction")
 QUANT_METRICS = ("ppl_increase", "ppl_ratio", "recovery")
+ATTENTION_METRICS = ("sink_rate", "massive_ratio")  # from `attention`'s summary.json
 HIGHER_IS_BETTER = frozenset({"recovery"})
 # ppl_increase is left out: a relative tolerance on a difference near 0 is noise.
 BASELINE_METRICS = ("avg_kurtosis", "max_kurtosis", "max_inf_norm", "max_outlier_fraction", "ppl_ratio", "recovery")
@@ -59,6 +62,8 @@ class GateConfig:
     max_ppl_increase: float | None = None  # quantized - float perplexity, any run
     max_ppl_ratio: float | None = None  # quantized / float perplexity, any run
     min_recovery: float | None = None  # quantized / float accuracy, every run
+    max_sink_rate: float | None = None  # mean over heads of the attention sink rate (`attention`)
+    max_massive_ratio: float | None = None  # largest top |x| / median |x| of the residual stream (`attention`)
     baseline: Path | None = None  # earlier report folder to compare with
     baseline_tolerance: float = 0.10  # relative worsening allowed against the baseline
 
@@ -84,6 +89,10 @@ class GateConfig:
     @property
     def needs_quantize(self) -> bool:
         return any(THRESHOLD_METRICS[k] in QUANT_METRICS for k in self.thresholds)
+
+    @property
+    def needs_attention(self) -> bool:
+        return any(THRESHOLD_METRICS[k] in ATTENTION_METRICS for k in self.thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -214,6 +223,7 @@ class ReportFiles:
     stats_csv: Path | None = None
     quantize_csv: Path | None = None
     model: str | None = None  # model name from the stats summary.json, if present
+    attention_json: Path | None = None  # `attention`'s summary.json (in the folder or its attention/)
 
 
 def find_reports(folders: Sequence[Path]) -> ReportFiles:
@@ -231,10 +241,17 @@ def find_reports(folders: Sequence[Path]) -> ReportFiles:
             raise UsageError(f"several {name} found ({', '.join(map(str, paths))}); give one stats and at most one quantize report")
     stats_csv = found["stats.csv"][0] if found["stats.csv"] else None
     quantize_csv = found["quantize.csv"][0] if found["quantize.csv"] else None
+    attention = [p for f in map(Path, folders) for p in (f / "summary.json", f / "attention" / "summary.json")
+                 if p.is_file() and (f / "heads.csv" if p.parent == f else p.parent / "heads.csv").is_file()]
+    if len(attention) > 1:
+        raise UsageError(f"several attention reports found ({', '.join(map(str, attention))}); give at most one")
+    if stats_csv is None and quantize_csv is None and attention:
+        return ReportFiles(tuple(map(Path, folders)), attention_json=attention[0])
     if stats_csv is None and quantize_csv is None:
         listed = ", ".join(map(str, folders))
         raise UsageError(f"no stats.csv or quantize.csv in {listed}; run `outlier-probe stats` / `quantize` first")
-    return ReportFiles(tuple(map(Path, folders)), stats_csv, quantize_csv, _model_name(stats_csv))
+    return ReportFiles(tuple(map(Path, folders)), stats_csv, quantize_csv, _model_name(stats_csv),
+                       attention[0] if attention else None)
 
 
 def _model_name(stats_csv: Path | None) -> str | None:
@@ -300,7 +317,19 @@ def read_measurements(reports: ReportFiles, site_kind: SiteKind | None = None) -
         accuracy = runs[runs["metric"] == "accuracy"]
         if not accuracy.empty:
             out["recovery"] = _extreme(accuracy, "ratio", "run", highest=False)
+    if reports.attention_json is not None:
+        out.update(_attention_measurements(reports.attention_json))
     return out
+
+
+def _attention_measurements(path: Path) -> dict[str, Measurement]:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
+        sink, ratio = float(summary["sink_rate"]), float(summary["massive_ratio"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a summary.json written by `outlier-probe attention`") from None
+    where = f"layer {summary.get('massive_layer')} {summary.get('massive_token')} ch {summary.get('massive_channel')}"
+    return {"sink_rate": Measurement(sink, "mean over heads"), "massive_ratio": Measurement(ratio, where)}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -355,6 +384,7 @@ def threshold_checks(config: GateConfig, measured: Mapping[str, Measurement]) ->
         metric = THRESHOLD_METRICS[key]
         if metric not in measured:
             needs = "quantize.csv with accuracy rows" if metric == "recovery" else "quantize.csv with perplexity rows"
+            needs = "report of `outlier-probe attention`" if metric in ATTENTION_METRICS else needs
             raise UsageError(f"threshold {key} is set but the reports hold no {metric}; it needs a {needs}")
         m = measured[metric]
         checks.append(CheckResult(_display_name(key, config), metric, ">=" if key.startswith("min_") else "<=", limit, m.value, m.worst))
@@ -389,6 +419,9 @@ def check_reports(folders: Sequence[Path], resolved: ResolvedGate) -> GateResult
     reports = find_reports(folders)
     if config.needs_quantize and reports.quantize_csv is None:
         raise UsageError(f"a quantization threshold is set but there is no quantize.csv in {', '.join(map(str, folders))}")
+    if config.needs_attention and reports.attention_json is None:
+        raise UsageError(f"an attention threshold is set but there is no attention report in {', '.join(map(str, folders))}; "
+                         "run `outlier-probe attention CKPT --out FOLDER/attention` first")
     if any(THRESHOLD_METRICS[k] in STATS_METRICS for k in config.thresholds) and reports.stats_csv is None:
         raise UsageError(f"a stats threshold is set but there is no stats.csv in {', '.join(map(str, folders))}")
     measured = read_measurements(reports, config.site_kind)
@@ -413,6 +446,7 @@ class MeasureSettings:
     attention: AttentionVariant | None = None  # None: the variant recorded in the checkpoint
     trust_remote_code: bool = False
     quantize: bool = False  # also run `quantize` (set when a quantization threshold is set)
+    heads: bool = False  # also run `attention` (set when an attention threshold is set)
 
 
 def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
@@ -441,6 +475,11 @@ def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
         # the reference ("paper") W8A8 recipe; per-site SQNR statistics are not needed by the gate
         quantized = run_quantize(QuantizeConfig(load=load, data=settings.data, site_stats=False), loaded=loaded)
         write_quantize_report(quantized, quant_dir)
+    if settings.heads:
+        from outlier_probe.diagnose.attention_run import AttentionConfig, run_attention
+        from outlier_probe.report.attention_report import write_attention_report
+
+        write_attention_report(run_attention(AttentionConfig(load=load, data=settings.data), loaded=loaded), out_dir / "attention")
     return out_dir
 
 
@@ -455,7 +494,7 @@ def gate_checkpoint(checkpoint: str, settings: MeasureSettings, resolved: Resolv
     """Measure a checkpoint, then check the written reports exactly as `check_reports` does."""
     if not resolved.config.thresholds and resolved.config.baseline is None:
         check_reports([], resolved)  # raises the "no thresholds set" usage error before loading a model
-    settings = replace(settings, quantize=resolved.config.needs_quantize)
+    settings = replace(settings, quantize=resolved.config.needs_quantize, heads=resolved.config.needs_attention)
     try:
         folder = measure(checkpoint, settings, out_dir)
     except UsageError:

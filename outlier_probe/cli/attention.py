@@ -62,10 +62,11 @@ def attention(
         c.print(heads_table(result))
         c.print(massive_table(result))
         s = result.summary()
-        c.print(f"sink rate {num_(s['sink_rate'])}, largest massive ratio {num_(s['massive_ratio'])} "
-                f"(layer {s['massive_layer']}, token {s['massive_token']}, channel {s['massive_channel']}); "
-                f"massive layers {s['massive_layers']}: on sink tokens {s['massive_on_sink_tokens']}, "
-                f"in stats' top channels {s['massive_in_top_channels']}")
+        yes = {True: "yes", False: "no", None: "-"}
+        c.print(f"sink rate {num_(s['sink_rate'])}; largest |x| / median {num_(s['massive_ratio'])}: layer "
+                f"{s['massive_layer']}, token {s['massive_token']}, channel {s['massive_channel']} (a sink token: "
+                f"{yes[s['massive_on_sink']]}; a top outlier channel of `stats`: {yes[s['massive_in_top_channels']]}); "
+                f"massive layers (> {num_(cfg.min_abs)} and > {num_(cfg.min_ratio)}x median): {s['massive_layers']}")
         c.print(f"reports: {', '.join(str(p) for p in written.values())}")
 
 

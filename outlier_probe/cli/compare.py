@@ -41,6 +41,7 @@ def compare(
     calib_batches: o.CalibBatches = 4,
     metric: o.Metric = None,
     no_quantize: Annotated[bool, typer.Option("--no-quantize", help="Outlier statistics only: no evaluation, so the FP / W8A8 / degradation columns are left out of the table and are NaN (empty in CSV, null in JSON).")] = False,
+    no_attention: Annotated[bool, typer.Option("--no-attention", help="Skip the attention pass: no sink rate, null mass or massive-activation columns.")] = False,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",
@@ -79,6 +80,7 @@ def compare(
         recipe=quant,
         quantize=not no_quantize,
         metric=metric,
+        attention=not no_attention,
     )
     target = check_out_dir(out or default_out([e.name for e in cfg.entries]))  # before any model loads
     quiet = quiet or as_json

@@ -36,6 +36,8 @@ def gate(
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="Max quantized - float perplexity (runs quantize).", show_default=False)] = None,
     max_ppl_ratio: Annotated[Optional[float], typer.Option(help="Max quantized / float perplexity (runs quantize).", show_default=False)] = None,
     min_recovery: Annotated[Optional[float], typer.Option(help="Min quantized / float accuracy (runs quantize).", show_default=False)] = None,
+    max_sink_rate: Annotated[Optional[float], typer.Option(help="Max mean attention sink rate over heads (runs attention).", show_default=False)] = None,
+    max_massive_ratio: Annotated[Optional[float], typer.Option(help="Max massive-activation ratio top |x| / median |x| (runs attention).", show_default=False)] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Earlier report folder: fail when a metric worsens beyond --baseline-tolerance.", show_default=False)] = None,
     baseline_tolerance: Annotated[Optional[float], typer.Option(help="Relative worsening allowed against --baseline \\[default: 0.10].", show_default=False)] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (one test case per check).", show_default=False)] = None,
@@ -65,6 +67,7 @@ def gate(
         "max_avg_kurtosis": max_avg_kurtosis, "max_kurtosis": max_kurtosis, "max_inf_norm": max_inf_norm,
         "site_kind": site_kind, "max_outlier_fraction": max_outlier_fraction, "max_ppl_increase": max_ppl_increase,
         "max_ppl_ratio": max_ppl_ratio, "min_recovery": min_recovery, "baseline": baseline,
+        "max_sink_rate": max_sink_rate, "max_massive_ratio": max_massive_ratio,
         "baseline_tolerance": baseline_tolerance,
     }  # fmt: skip
     resolved = gate_lib.resolve_config(flags, config_file=config)

@@ -84,9 +84,11 @@ class AttentionResult:
             "massive_layer": top.massive.layer if top else None,
             "massive_token": top.token if top else None,
             "massive_channel": top.massive.channel if top else None,
+            "massive_on_sink": top.on_sink if top else None,  # for the largest ratio, massive or not
+            "massive_in_top_channels": top.in_top_channels if top else None,
             "massive_layers": len(massive),
-            "massive_on_sink_tokens": sum(f.on_sink for f in massive),
-            "massive_in_top_channels": sum(f.in_top_channels for f in massive),
+            "massive_layers_on_sink": sum(f.on_sink for f in massive),
+            "massive_layers_in_top_channels": sum(f.in_top_channels for f in massive),
         }
 
 

@@ -18,7 +18,7 @@ from rich import box
 from rich.table import Table
 
 from outlier_probe.compare import DEFINITIONS as COMPARE_DEFINITIONS
-from outlier_probe.compare import FIGURES, QUANT_FIGURES, CompareResult
+from outlier_probe.compare import ATTENTION_FIGURES, FIGURES, QUANT_FIGURES, CompareResult
 from outlier_probe.report import plots
 from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json, write_text
 from outlier_probe.report.meta import header
@@ -26,8 +26,8 @@ from outlier_probe.report.quant_report import write_quantize_report
 from outlier_probe.report.stats_report import write_stats_report
 from outlier_probe.stats.summary import DEFINITIONS as STATS_DEFINITIONS
 
-COLUMNS = ["name", "source", "attention", "family", "metric", "higher_is_better", *FIGURES,
-           *(f"{f}_vs_baseline" for f in FIGURES)]
+COLUMNS = ["name", "source", "attention", "family", "metric", "higher_is_better", *FIGURES, *ATTENTION_FIGURES,
+           *(f"{f}_vs_baseline" for f in (*FIGURES, *ATTENTION_FIGURES))]
 
 # (figure, header) of the table; the metric columns are dropped when nothing was quantized
 _TABLE = (
@@ -39,6 +39,9 @@ _TABLE = (
     ("max_kurtosis", "max kurtosis"),
     ("max_inf_norm_block_output", "max inf-norm"),
     ("max_inf_norm", "max inf-norm (all sites)"),
+    ("sink_rate", "sink rate"),
+    ("null_mass", "null mass"),
+    ("massive_ratio", "massive x median"),
 )
 CAPTION = ("kurtosis / inf-norm: paper definitions; max inf-norm = block outputs (as in the papers); "
            "(x%) = change vs the first model")
@@ -66,7 +69,8 @@ def cell(row: dict[str, Any], figure: str, baseline: bool, sep: str = " ") -> st
 
 _SHORT_METRIC = {"perplexity": "ppl", "mlm_perplexity": "MLM ppl", "accuracy": "acc", "hidden_cosine": "cos"}
 _SHORT_HEAD = {"degradation": "Δ", "degradation_rel": "Δ %", "avg_kurtosis": "avg\nkurt", "max_kurtosis": "max\nkurt",
-               "max_inf_norm_block_output": "max\ninf-norm", "max_inf_norm": "inf-norm\nall sites"}
+               "max_inf_norm_block_output": "max\ninf-norm", "max_inf_norm": "inf-norm\nall sites",
+               "sink_rate": "sink\nrate", "null_mass": "null\nmass", "massive_ratio": "massive\nx med"}
 
 
 def _columns(result: CompareResult, short: bool = False) -> list[tuple[str, str]]:
@@ -78,6 +82,7 @@ def _columns(result: CompareResult, short: bool = False) -> list[tuple[str, str]
         heads = [(f, _SHORT_HEAD.get(f, h.replace(" ", "\n"))) for f, h in _TABLE]
     else:
         heads = list(_TABLE)
+    heads = [(f, h) for f, h in heads if f not in ATTENTION_FIGURES or all(r.attention is not None for r in result.runs)]
     return [(f, h.format(metric=metric)) for f, h in heads if quantized or f not in QUANT_FIGURES]
 
 
@@ -156,6 +161,8 @@ def command_line(result: CompareResult) -> str:
             parts += ["--metric", s["metric"]]
     else:
         parts.append("--no-quantize")
+    if not s.get("attention", True):
+        parts.append("--no-attention")
     parts += ["--dtype", load["dtype"], "--device", load["device"]]
     if load["trust_remote_code"]:
         parts.append("--trust-remote-code")
@@ -220,6 +227,11 @@ def write_compare_report(result: CompareResult, out: Path, plots_on: bool = True
         if run.quant is not None:
             for name, path in write_quantize_report(run.quant, folder / "quantize").items():
                 written[f"{run.entry.name}/quantize/{name}"] = path
+        if run.attention is not None:
+            from outlier_probe.report.attention_report import write_attention_report
+
+            for name, path in write_attention_report(run.attention, folder / "attention").items():
+                written[f"{run.entry.name}/attention/{name}"] = path
     if plots_on:
         curves = {r.entry.name: _plot_rows(r.stats.rows()) for r in result.runs}
         written["layers.png"] = plots.layer_curves(curves, out / "layers.png", title="outliers by layer, all models")

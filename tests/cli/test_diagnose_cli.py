@@ -157,3 +157,35 @@ def test_real_minilm_end_to_end(minilm_path: Path, wikitext_path: Path, tmp_path
     doc = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert len(doc["layers"]) == 6 and doc["summary"]["massive_token"] == "[CLS]"
     assert doc["summary"]["massive_abs"] > 100 and doc["summary"]["sink_rate"] > 0.1
+
+
+def test_compare_shows_attention_figures_and_gate_checks_them(tiny_checkpoint, text_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    ckpt = tiny_checkpoint("llama")
+    out = tmp_path / "cmp"
+    result = invoke("compare", f"vanilla={ckpt}@softmax", f"outeffhop={ckpt}@softmax1", "--data", text_file,
+                    "--samples", "4", "--seq-len", "32", "--batch-size", "4", "--calib-batches", "1", "--no-plots", "--out", out)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "compare.csv").set_index("name")
+    for name in ("vanilla", "outeffhop"):
+        summary = json.loads((out / name / "attention" / "summary.json").read_text())["summary"]
+        for key in ("sink_rate", "null_mass", "massive_ratio"):
+            assert table.loc[name, key] == pytest.approx(summary[key], rel=1e-12), (name, key)
+    assert table.loc["outeffhop", "null_mass"] > 0.01 and abs(table.loc["vanilla", "null_mass"]) < 1e-5
+    assert "sink" in result.stdout and "null" in result.stdout
+    model = out / "outeffhop"
+    ok = invoke("gate", "--report", model, "--max-sink-rate", "1", "--max-massive-ratio", "1e9")
+    assert ok.exit_code == 0, ok.output
+    bad = invoke("gate", "--report", model, "--max-massive-ratio", "1")
+    assert bad.exit_code == 1 and "massive_ratio" in bad.stdout
+    missing = invoke("gate", "--report", model / "stats", "--max-sink-rate", "0.5")
+    assert missing.exit_code == 2 and "no attention report" in missing.stderr
+
+
+def test_gate_measures_attention_when_a_threshold_needs_it(tiny_checkpoint, text_file: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "g"
+    result = invoke("gate", tiny_checkpoint("gpt2"), "--data", text_file, "--samples", "4", "--seq-len", "32",
+                    "--batch-size", "4", "--max-sink-rate", "1.0", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "attention" / "heads.csv").is_file() and (out / "gate.json").is_file()
+    doc = json.loads((out / "gate.json").read_text())
+    assert "sink_rate" in json.dumps(doc)
