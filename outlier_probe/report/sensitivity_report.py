@@ -108,7 +108,7 @@ def bar_plot(result: Any, out: Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel(DIVERGENCE_NOTES[result.divergence].split(" of ")[0].split(",")[0])
     ax.set_title(f"{result.model['name']}: W{result.settings['recipe']['w_bits']}A{result.settings['recipe']['a_bits']} sensitivity (ranked)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
     fig.tight_layout()
     try:
         return write_figure(out, fig, dpi=110)
