@@ -247,6 +247,15 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_children() if n != prefix]
 
 
+def layer_of_module(model: nn.Module, name: str) -> int | None:
+    """The block a module belongs to: by the layer stack, or for the generic fallback by the first `.N.` in its name."""
+    blocks = layer_modules(model)
+    if blocks:
+        return next((i for i, (b, _) in enumerate(blocks) if name == b or name.startswith(b + ".")), None)
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
 def linear_module_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """(Linear modules outside the heads, Linear modules inside the heads), by module name."""
     heads = tuple(head_module_names(model))

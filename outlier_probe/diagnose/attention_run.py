@@ -112,6 +112,9 @@ def token_classes(tokenizer: Any, vocab: int) -> tuple[torch.Tensor, torch.Tenso
 def run_attention(cfg: AttentionConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> AttentionResult:
     loaded = loaded or load_model(cfg.load)
     model, info = loaded.model, loaded.info
+    if info.family is arch.Family.generic:
+        raise UsageError(f"`attention` needs a known family (bert, distilbert, gpt2, opt, llama, vit) to find the "
+                         f"attention modules; model type {info.model_type!r} is not one")
     modules = arch.attention_modules(model)
     sites = arch.residual_stream_sites(model)
     torch.manual_seed(cfg.data.seed)

@@ -36,8 +36,8 @@ def group_points(model: nn.Module, points: list[QuantPoint], by: GroupBy) -> dic
         module = module_of(p.name)
         if p.kind == "embedding_sum" or any(module == e or module.startswith(e + ".") for e in embeddings):
             groups[EMBEDDINGS].append(p.name)
-        elif p.layer is not None:
-            groups.setdefault(f"layer.{p.layer}", []).append(p.name)
+        elif (layer := p.layer if p.layer is not None else arch.layer_of_module(model, module)) is not None:
+            groups.setdefault(f"layer.{layer}", []).append(p.name)
         else:
             tail.append(p.name)
     groups[HEAD] = tail

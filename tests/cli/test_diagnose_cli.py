@@ -189,3 +189,20 @@ def test_gate_measures_attention_when_a_threshold_needs_it(tiny_checkpoint, text
     assert (out / "attention" / "heads.csv").is_file() and (out / "gate.json").is_file()
     doc = json.loads((out / "gate.json").read_text())
     assert "sink_rate" in json.dumps(doc)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "opt", "vit", "generic"])
+def test_attention_on_other_families(family: str, tiny_checkpoint, text_file: Path, image_folder: Path,  # noqa: ANN001
+                                     tmp_path: Path) -> None:
+    data = image_folder if family == "vit" else text_file
+    out = tmp_path / "a"
+    result = invoke("attention", tiny_checkpoint(family), "--data", data, "--samples", "4", "--seq-len", "16",
+                    "--batch-size", "2", "--out", out)
+    if family == "generic":
+        assert result.exit_code == 2 and "needs a known family" in result.stderr and not out.exists()
+        return
+    assert result.exit_code == 0, result.output
+    heads = pd.read_csv(out / "heads.csv")
+    assert len(heads) == 4 and ((heads["first"] > 0) & (heads["first"] <= 1)).all()
+    layers = pd.read_csv(out / "layers.csv")
+    assert len(layers) == 2 and (layers["top_abs"] > 0).all()
