@@ -134,3 +134,24 @@ def test_group_selection_and_budget_errors() -> None:
     assert Budget(0.02, False).allows(0.90, 0.885, higher_is_better=True)
     assert not Budget(0.02, False).allows(0.90, 0.87, higher_is_better=True)
     assert not b.allows(10.0, math.inf, higher_is_better=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "opt"])  # masked LM (KL over masked positions), causal LM
+def test_group_runs_are_what_quantize_keep_float_measures(family: str, tiny_tokenizer, text_file: Path,  # noqa: ANN001
+                                                          one_thread: None) -> None:
+    from outlier_probe.quant.run import QuantizeConfig, run_quantize
+    from tests.conftest import tokenizer_kind
+
+    tok = tiny_tokenizer(tokenizer_kind(family))
+    loaded = _loaded(make_model(family, vocab_size=len(tok)), tok)
+    data, recipe = DataConfig(path=text_file, **SMALL), QuantConfig(calib_batches=1)
+    r = run_sensitivity(SensitivityConfig(load=LoadConfig(source="tiny"), data=data, recipe=recipe), loaded=loaded)
+    assert r.divergence == "kl" and r.plan is None
+    assert all(g.only.divergence >= 0 and g.all_but.divergence >= 0 for g in r.groups)
+    every = frozenset(p for pts in r.group_points.values() for p in pts)
+    g = r.groups[0]
+    for keep, expected in ((frozenset(g.points), g.all_but), (every - frozenset(g.points), g.only), (frozenset(), r.quantized)):
+        q = run_quantize(QuantizeConfig(load=LoadConfig(source="tiny"), data=data, recipes=(recipe,),
+                                        keep_float=KeepFloat(keep), site_stats=False), loaded=loaded)
+        assert q.runs[0].quant_score.value == expected.value  # bit for bit
+        assert q.runs[0].float_score.value == r.float_value
