@@ -23,9 +23,8 @@ def num(value: float) -> str:
         return "-"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-        return f"{value:.2e}".replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
-    return f"{value:.4g}"
+    text = f"{value:.2e}" if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3) else f"{value:.4g}"
+    return text.replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
 
 
 def group_rows(result: Any) -> list[dict[str, Any]]:
@@ -155,7 +154,7 @@ def plan_table(result: Any) -> Table:
         table.add_column(col, justify="right", no_wrap=True)
     for s in plan.steps:
         mark = "*" if s.step == plan.final.step else ""
-        loss = f"{100 * s.loss:.2f}%" if plan.budget.relative and math.isfinite(s.loss) else num(s.loss)
+        loss = f"{num(100 * s.loss)}%" if plan.budget.relative and math.isfinite(s.loss) else num(s.loss)
         table.add_row(f"{s.step}{mark}", f"+{s.kept[-1]}" if s.kept else "(all quantized)", num(s.value), loss, num(s.divergence),
                       "yes" if s.meets else "no")
     return table
