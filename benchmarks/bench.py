@@ -10,6 +10,8 @@ and the median of the per-round ratios, so that load from elsewhere on the machi
 memory     peak RSS of `stats` with 1024 vs 64 sequences            target <= 1.05x
 quantize   W8A8 paper-recipe evaluation / float evaluation          target <= 1.5x
 attention  softmax1 / vanilla attention: forward time and training throughput   target >= 0.95x
+heads      forward with attention probabilities captured and observed (`attention`) / plain forward
+           (the model's own kernel keeps computing the output; reported, no target)
 sensitivity  `sensitivity` (layer groups, no budget) / one quantized evaluation of `quantize`'s size
            (build + calibrate + score)                                 target <= 2 x groups + 2
 """
@@ -194,7 +196,32 @@ def bench_sensitivity() -> None:
           f"(target <= 2 x {groups} + 2 = {2 * groups + 2})")
 
 
-BENCHES = {"hooks": bench_hooks, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention,
+def bench_heads() -> None:
+    from outlier_probe.attention_capture import capture_attention
+    from outlier_probe.diagnose.attention_stats import AttentionObserver, BatchContext
+
+    model = minilm()
+    ids = torch.randint(5, 30522, (8, 128))
+    modules = arch.attention_modules(model)
+    obs = AttentionObserver(len(modules), 30522)
+    no = torch.zeros_like(ids, dtype=torch.bool)
+    obs.context = BatchContext(ids, no, no, ~no)
+
+    @torch.inference_mode()
+    def plain() -> None:
+        model(input_ids=ids)
+
+    @torch.inference_mode()
+    def captured() -> None:
+        with capture_attention(model, modules, obs.update, obs.update_gate):
+            model(input_ids=ids)
+
+    t_plain, t_cap, median = interleaved(plain, captured, 7)
+    print(f"heads     MiniLM 8x128 ({model.config._attn_implementation}) plain {t_plain * 1e3:7.1f} ms  "
+          f"with attention statistics {t_cap * 1e3:7.1f} ms  ratio {t_cap / t_plain:.3f}x, median of rounds {median:.3f}x")
+
+
+BENCHES = {"hooks": bench_hooks, "heads": bench_heads, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention,
            "sensitivity": bench_sensitivity}
 
 if __name__ == "__main__":
