@@ -75,6 +75,8 @@ class AttentionResult:
             "variant": self.variant,
             "sink_rate": mean([h.sink for h in self.heads]),
             "max_head_sink_rate": max((h.sink for h in self.heads), default=math.nan),
+            # Gu et al. 2024's head-level form: fraction of heads whose mean first-token mass > 0.3
+            "sink_heads": mean([float(h.first > SINK_THRESHOLD) for h in self.heads]),
             "first_token_mass": mean([h.first for h in self.heads]),
             "null_mass": mean([h.null for h in self.heads]),
             "gate_closed": mean([h.gate_closed for h in self.heads]),
