@@ -17,8 +17,8 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from outlier_probe.compare import DEFINITIONS as COMPARE_DEFINITIONS
-from outlier_probe.compare import FIGURES, QUANT_FIGURES, CompareResult
+from outlier_probe.compare_types import DEFINITIONS as COMPARE_DEFINITIONS
+from outlier_probe.compare_types import FIGURES, QUANT_FIGURES, CompareResult
 from outlier_probe.report import plots
 from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json, write_text
 from outlier_probe.report.meta import header

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from outlier_probe import __version__
-from outlier_probe.gate import CheckResult, GateResult
+from outlier_probe.gate_types import CheckResult, GateResult
 from outlier_probe.report.io import ensure_writable_dir, write_json, write_text
 
 SUITE_NAME = "outlier-probe gate"
