@@ -41,7 +41,7 @@ def stats(
     as_json: o.Json = False,
 ) -> None:
     """Per-layer outlier statistics: kurtosis, inf-norm, outlier fractions and channels (stats.csv, summary.json, plots)."""
-    from outlier_probe.report.stats_report import stats_table, summary_document, summary_table, write_stats_report
+    from outlier_probe.report.stats_report import layer_tables, summary_document, summary_table, write_stats_report
     from outlier_probe.report.io import check_out_dir
     from outlier_probe.stats.run import run_stats
 
@@ -65,6 +65,7 @@ def stats(
         return
     if not quiet:
         out_console = Console()
-        out_console.print(stats_table(result))
+        for table in layer_tables(result):
+            out_console.print(table)
         out_console.print(summary_table(result))
         out_console.print(f"reports: {', '.join(str(p) for p in written.values())}")

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
@@ -105,14 +104,9 @@ def train_command(
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     if not quiet:
-        table = Table(title=f"train: {cfg.run}")
-        table.add_column("")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            text = _fmt(value, ",.0f" if key == "tokens_per_s" else ".4g") if isinstance(value, float) else str(value)
-            table.add_row(key, text)
-        Console().print(table)
+        from outlier_probe.report.train_report import train_table
 
+        Console().print(train_table(cfg.run, summary))
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)

@@ -50,7 +50,7 @@ def test_success_writes_every_report(tiny_checkpoint, text_file: Path, tmp_path:
     assert header.startswith("site,kind,layer,n_sequences,count,mean,var,std,kurtosis,excess_kurtosis,paper_kurtosis")
     doc = json.loads((out / "summary.json").read_text())
     assert doc["command"] == "stats" and doc["data"]["sequences"] == 4 and doc["data"]["tokens"] == 64
-    assert "outliers per layer" in res.stdout and "average kurtosis" in res.stdout
+    assert "kurtosis per layer" in res.stdout and "inf-norm per layer" in res.stdout and "average kurtosis" in res.stdout
     assert res.stderr == ""
 
 
