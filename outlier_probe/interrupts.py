@@ -1,0 +1,54 @@
+"""Signals -> one line and an exit code, from the first instruction of `main()` on.
+
+Installed before typer, torch or transformers are imported, so Ctrl-C during the imports or the model
+load is the same `outlier-probe: error: interrupted` (exit 130) as later; SIGTERM gives
+`outlier-probe: error: terminated` (exit 143). Stdlib only: importing this module must stay instant.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from outlier_probe.errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise(signum: int, frame: Any) -> None:
+    for sig in SIGNALS:  # the first signal wins: a second Ctrl-C must not interrupt the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """SIGINT and SIGTERM raise Interrupted in the main thread (no-op elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _raise)
+
+
+def exit_interrupted(err: Interrupted | KeyboardInterrupt) -> None:
+    """Print the one line and exit 128 + signal number."""
+    code = err.exit_code if isinstance(err, Interrupted) else 130
+    message = err.message if isinstance(err, Interrupted) else "interrupted"
+    try:
+        print(f"outlier-probe: error: {message}", file=sys.stderr, flush=True)
+    finally:
+        raise SystemExit(code)
+
+
+@contextmanager
+def blocked() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM while files are moved into place or rolled back (delivered afterwards)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
