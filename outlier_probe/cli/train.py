@@ -88,7 +88,8 @@ def train_command(
     console = Console(stderr=True, quiet=quiet)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.fields[step]}"),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=quiet, transient=True, refresh_per_second=4) as bar:
+    # only on a terminal: in a pipe or CI log a live bar is noise, and a failed run would leave a blank line on stderr
+    with Progress(*columns, console=console, disable=quiet or not console.is_terminal, transient=True, refresh_per_second=4) as bar:
         task = bar.add_task(f"training {cfg.run}", total=1.0, step=0, loss="-", tps="-")
 
         def update(status) -> None:  # noqa: ANN001 - a train.TrainStatus
