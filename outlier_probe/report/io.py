@@ -131,11 +131,13 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
         _move_into_place(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError):  # disk full, quota, permissions: one line naming the file
+            raise ProbeError(f"cannot write {path}: {err.strerror or err}; free space or choose another --out") from None
         raise
 
 

@@ -179,3 +179,38 @@ def test_missing_tensor_error_counts_and_names() -> None:
     assert "4 of 4 tensors missing (0.bias, 0.weight, 1.bias, ... 1 more)" in text
     assert "1 unexpected (2.weight)" in text  # head.weight: a head the model does not have, not an error
     check_loading_report("ckpt", model, {"missing_keys": set(), "unexpected_keys": {"pooler.dense.weight"}})
+
+
+# command -> (arguments after the checkpoint / reports, the file whose rename fails, exit code)
+LAST_FILE = {
+    "stats": (["--no-plots"], "summary.json", 1),
+    "quantize": (["--calib-batches", "1"], "summary.json", 1),
+    "compare": (["--calib-batches", "1", "--no-plots"], "compare.md", 1),
+    "gate": (["--max-kurtosis", "1000"], "gate.xml", 2),
+}
+
+
+@pytest.mark.parametrize("command", list(LAST_FILE))
+def test_a_failing_last_file_takes_every_output_back(command: str, tiny_checkpoint, text_file: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up while the last output is moved into place: every earlier output is removed too."""
+    import os
+
+    options, last, code = LAST_FILE[command]
+    ckpt = str(tiny_checkpoint("bert"))
+    out = tmp_path / "out"
+    args = {"stats": ["stats", ckpt], "quantize": ["quantize", ckpt], "compare": ["compare", f"a={ckpt}", f"b={ckpt}@softmax1"],
+            "gate": ["gate", ckpt, "--junit", str(out / "junit" / "gate.xml")]}[command]
+    args += [*options, "--data", str(text_file), *(SMALL if command != "gate" else SMALL[:4]), "--out", str(out)]
+    real_replace = os.replace
+
+    def disk_full_at_last(src: Any, dst: Any) -> None:
+        if Path(dst).name == last:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", disk_full_at_last)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == code, res.output
+    assert len(res.stderr.splitlines()) == 1 and "No space left on device" in res.stderr, res.stderr
+    assert not out.exists(), sorted(out.rglob("*"))  # the reports written before it, and their folders, are gone
