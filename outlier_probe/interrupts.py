@@ -18,17 +18,34 @@ from outlier_probe.errors import Interrupted
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+_received: list[int] = []  # the signal that arrived, if any
+
+
 def _raise(signum: int, frame: Any) -> None:
     for sig in SIGNALS:  # the first signal wins: a second Ctrl-C must not interrupt the clean-up
         signal.signal(sig, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
 
 
+def received() -> int | None:
+    """The signal that interrupted this run, or None.
+
+    A library may catch the Interrupted raised inside its code and raise its own error instead
+    (transformers' lazy imports do); the CLI asks this to still report the interruption.
+    """
+    return _received[0] if _received else None
+
+
 def install() -> None:
-    """SIGINT and SIGTERM raise Interrupted in the main thread (no-op elsewhere)."""
+    """SIGINT and SIGTERM raise Interrupted in the main thread (no-op elsewhere).
+
+    A signal the parent set to be ignored stays ignored (`nohup`, `cmd &` in a script), as Python does.
+    """
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
-            signal.signal(sig, _raise)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, _raise)
 
 
 def exit_interrupted(err: Interrupted | KeyboardInterrupt) -> None:

@@ -46,6 +46,13 @@ def main() -> None:
         code = _run()
     except (Interrupted, KeyboardInterrupt) as err:
         interrupts.exit_interrupted(err)
+    except Exception:  # a library turned the signal into its own error outside a command (an import)
+        if interrupts.received() is None:
+            raise
+        code = 1
+    signum = interrupts.received()
+    if signum is not None:  # whatever the code path made of it, a signal is the one line and 128 + signum
+        interrupts.exit_interrupted(Interrupted(signum))
     sys.exit(code)
 
 
@@ -56,10 +63,14 @@ def _run() -> int:
     # typer vendors click: find its UsageError (base of BadParameter, NoSuchOption, MissingParameter, ...)
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="outlier-probe")
     except usage_error as err:
-        hint = f" (see: outlier-probe {err.ctx.info_name} --help)" if getattr(err, "ctx", None) and err.ctx.info_name else ""
-        print(f"outlier-probe: error: {' '.join(err.format_message().replace('Value error, ', '').split())}{hint}", file=sys.stderr)
+        message = " ".join(err.format_message().replace("Value error, ", "").split())
+        if not message:  # no arguments at all: the help is already on stdout
+            return 2
+        ctx = getattr(err, "ctx", None)
+        hint = "" if ctx is None else f" (see: {ctx.command_path} --help)"
+        print(f"outlier-probe: error: {message}{hint}", file=sys.stderr)
         return 2
     except typer.Abort:  # click's answer to a KeyboardInterrupt raised outside our handlers (e.g. EOF at a prompt)
         print("outlier-probe: error: interrupted", file=sys.stderr)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from outlier_probe.errors import ProbeError
+from outlier_probe.errors import Interrupted, ProbeError
+from outlier_probe.interrupts import blocked, received
 
 
 def check_out_dir(path: Path) -> Path:
@@ -86,8 +87,6 @@ def all_or_nothing() -> Iterator[None]:
     if _UNDO.get() is not None:  # nested: the outermost block decides
         yield
         return
-    from outlier_probe.interrupts import blocked
-
     undo = _Undo()
     token = _UNDO.set(undo)
     try:
@@ -98,6 +97,10 @@ def all_or_nothing() -> Iterator[None]:
         raise
     else:
         with blocked():
+            signum = received()
+            if signum is not None:  # a signal that a library swallowed on the way: still no reports
+                undo.rollback()
+                raise Interrupted(signum)
             undo.commit()
     finally:
         _UNDO.reset(token)
@@ -152,8 +155,6 @@ def _move_into_place(tmp: str, path: Path) -> None:
         os.close(fd)
         backup = Path(name)
         shutil.copy2(path, backup)
-    from outlier_probe.interrupts import blocked
-
     with blocked():  # the rename and its log entry go together
         os.replace(tmp, path)
         undo.files.append((path, backup))

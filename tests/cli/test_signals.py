@@ -63,3 +63,48 @@ def test_importing_the_entry_point_is_instant() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def handlers(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """The CLI's signal handlers, installed in this process for one test, then the previous ones back."""
+    from outlier_probe import interrupts
+
+    monkeypatch.setattr(interrupts, "_received", [])
+    previous = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+    interrupts.install()
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _swallowed_sigint() -> None:
+    """Ctrl-C inside a library that turns every exception into its own (transformers' lazy imports do)."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except BaseException as err:  # noqa: BLE001
+        raise RuntimeError("Could not import module 'BertModel'") from err
+
+
+def test_an_interrupt_turned_into_another_error_is_still_an_interrupt(handlers: None) -> None:
+    from outlier_probe.cli.app import guarded
+    from outlier_probe.errors import Interrupted
+
+    with pytest.raises(Interrupted) as err:
+        guarded(_swallowed_sigint)()
+    assert err.value.exit_code == 130 and err.value.message == "interrupted"
+
+
+def test_an_interrupt_swallowed_on_the_way_still_writes_no_report(handlers: None, tmp_path: Path) -> None:
+    from outlier_probe.errors import Interrupted
+    from outlier_probe.report.io import all_or_nothing, write_text
+
+    with pytest.raises(Interrupted):
+        with all_or_nothing():
+            write_text(tmp_path / "stats.csv", "x")
+            try:
+                _swallowed_sigint()
+            except RuntimeError:
+                pass  # e.g. a tokenizer that fails to load is optional
+    assert list(tmp_path.iterdir()) == []
