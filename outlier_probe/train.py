@@ -592,15 +592,18 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from outlier_probe.report.io import no_empty_folders_on_error
+
     out = cfg.out_dir
-    _check_out(cfg, out)
-    device = cfg.device.resolve()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(_threads(cfg.threads))
-    try:
-        return _train(cfg, progress, out, device)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with no_empty_folders_on_error(out):  # bad data must not leave an empty run folder behind
+        _check_out(cfg, out)
+        device = cfg.device.resolve()
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(_threads(cfg.threads))
+        try:
+            return _train(cfg, progress, out, device)
+        finally:
+            torch.set_num_threads(previous_threads)
 
 
 def _train(cfg: TrainConfig, progress: Progress | None, out: Path, device: str) -> TrainResult:

@@ -106,6 +106,22 @@ def all_or_nothing() -> Iterator[None]:
         _UNDO.reset(token)
 
 
+@contextmanager
+def no_empty_folders_on_error(*paths: Path) -> Iterator[None]:
+    """For commands that keep what they finished (train's checkpoints, reproduce's twins): when they fail,
+    remove each of `paths` that they created and left without a single file."""
+    # the outermost folder of each path that does not exist yet: `runs/` too when it makes `runs/x/`
+    fresh = [next(a for a in reversed((Path(p), *Path(p).parents)) if not a.exists())
+             for p in paths if not Path(p).exists()]
+    try:
+        yield
+    except BaseException:
+        for path in fresh:
+            if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+                shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 def ensure_writable_dir(path: Path) -> Path:
     """Create `path` (and parents) and check that files can be written there; clear error otherwise."""
     path = Path(path)

@@ -88,6 +88,8 @@ CASES: dict[str, tuple[int, str]] = {
     "gate --out under a file": (2, "cannot create output folder"),
     "gate measure --junit under a file": (2, "cannot write --junit"),
     "train --out under a file": (1, "cannot create output folder"),
+    "train on an empty data file": (1, "contains no text"),
+    "reproduce on an empty data file": (1, "contains no text"),
 }
 
 
@@ -132,6 +134,12 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, tiny_checkpoint, te
     elif case == "train --out under a file":
         args = ["train", "--data", text_file, "--steps", "1", "--size", "micro", "--out", tmp_path / "file" / "run"]
         watched = tmp_path / "file" / "run"
+    elif case in ("train on an empty data file", "reproduce on an empty data file"):
+        (tmp_path / "empty.txt").write_text("")
+        monkeypatch.chdir(tmp_path)  # reproduce keeps its checkpoints under ./runs/
+        command = ["train", "--steps", "1", "--size", "micro"] if case.startswith("train") else ["reproduce", "--scale", "smoke"]
+        args = [*command, "--data", tmp_path / "empty.txt", "--out", out / "run"]
+        watched = out
     else:
         raise AssertionError(case)
 
@@ -145,6 +153,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, tiny_checkpoint, te
         assert sorted(p.name for p in watched.iterdir()) == before  # no gate.json, no junit
     else:
         assert not watched.exists() or not any(watched.iterdir())
+        assert not (tmp_path / "runs").exists()  # no empty run folders either
 
 
 def test_legitimately_absent_or_extra_tensors_still_load(tiny_checkpoint, text_file: Path, tmp_path: Path) -> None:
