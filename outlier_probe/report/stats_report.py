@@ -97,7 +97,7 @@ def summary_table(result: Any) -> Table:
     table.add_row("average kurtosis", compact(s["avg_kurtosis"]), f"over {s['sites']} sites")
     table.add_row("max kurtosis", compact(s["max_kurtosis"]), str(s["max_kurtosis_site"]))
     table.add_row("max inf-norm", compact(s["max_inf_norm"]), str(s["max_inf_norm_site"]))
-    table.add_row("max inf-norm, block outputs", compact(s["max_inf_norm_block_output"]), "")
+    table.add_row("max inf-norm (blocks)", compact(s["max_inf_norm_block_output"]), "block outputs")
     table.add_row("global max |x|", compact(s["max_abs"]), str(s["max_abs_site"]))
     table.add_row("max fraction |x| > 6", compact(s["max_outlier_fraction"]), str(s["max_outlier_fraction_site"]))
     data = result.data
