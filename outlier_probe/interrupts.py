@@ -58,6 +58,14 @@ def exit_interrupted(err: Interrupted | KeyboardInterrupt) -> None:
         raise SystemExit(code)
 
 
+def pending() -> int | None:
+    """A SIGINT / SIGTERM that arrived while `blocked()` holds it back, or None."""
+    if not hasattr(signal, "sigpending"):
+        return None
+    waiting = signal.sigpending() & set(SIGNALS)
+    return min(waiting) if waiting else None
+
+
 @contextmanager
 def blocked() -> Iterator[None]:
     """Hold SIGINT / SIGTERM while files are moved into place or rolled back (delivered afterwards)."""

@@ -14,7 +14,8 @@ from torch import nn
 from outlier_probe.errors import ProbeError
 
 
-def check_loading_report(source: str, model: nn.Module, report: dict[str, Any], shown: int = 3) -> None:
+def check_loading_report(source: str, model: nn.Module, report: dict[str, Any], restored_later: tuple[str, ...] = (),
+                         shown: int = 3) -> None:
     """Refuse a checkpoint whose weights do not fill the model: those tensors would be random.
 
     transformers has already dropped what is legitimately absent (tied output embeddings, buffers the
@@ -22,13 +23,14 @@ def check_loading_report(source: str, model: nn.Module, report: dict[str, Any], 
     - missing tensors (the model would keep its random initialisation) -> error;
     - shape-mismatched tensors (loaded as random instead) -> error;
     - unexpected tensors -> error, except a head or pooler the loaded class does not have
-      (`cls.seq_relationship.*` of a BERT pretraining checkpoint) and attention gates (restored after
-      the variant is set, and counted there).
+      (`cls.seq_relationship.*` of a BERT pretraining checkpoint) and tensors whose name holds one of
+      `restored_later` (attention gates: restored after the variant is set, and counted there).
     """
     missing = sorted(report.get("missing_keys") or ())
     mismatched = sorted(report.get("mismatched_keys") or (), key=lambda m: m[0])
     modules = dict(model.named_modules())
-    unexpected = sorted(k for k in report.get("unexpected_keys") or () if not _extra_but_harmless(k, modules))
+    unexpected = sorted(k for k in report.get("unexpected_keys") or ()
+                        if not any(m in k for m in restored_later) and not _extra_but_harmless(k, modules))
     if not (missing or mismatched or unexpected):
         return
 
@@ -39,15 +41,13 @@ def check_loading_report(source: str, model: nn.Module, report: dict[str, Any], 
     shapes = [f"{k} {tuple(ckpt)} vs {tuple(mine)}" for k, ckpt, mine in mismatched]
     total = len(model.state_dict())
     raise ProbeError(
-        f"checkpoint {source} does not match its config.json: {len(missing)} of {total} tensors missing{first(missing)}, "
+        f"checkpoint {source} does not match its config: {len(missing)} of {total} tensors missing{first(missing)}, "
         f"{len(unexpected)} unexpected{first(unexpected)}, {len(mismatched)} with another shape{first(shapes)}; "
         f"measuring it would measure random weights. Is the weights file truncated or from another model?"
     )
 
 
 def _extra_but_harmless(key: str, modules: dict[str, nn.Module]) -> bool:
-    """An unexpected tensor that only a head, pooler or gate the loaded model does not have would use."""
-    if "op_gate" in key:
-        return True
+    """An unexpected tensor that only a head or pooler the loaded model does not have would use."""
     parent = key.rsplit(".", 1)[0]
     return parent not in modules and not re.search(r"(^|\.)\d+(\.|$)", parent)  # a missing *layer* is not harmless

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from outlier_probe.errors import Interrupted, ProbeError
-from outlier_probe.interrupts import blocked, received
+from outlier_probe.interrupts import blocked, pending, received
 
 
 def check_out_dir(path: Path) -> Path:
@@ -97,11 +97,13 @@ def all_or_nothing() -> Iterator[None]:
         raise
     else:
         with blocked():
-            signum = received()
-            if signum is not None:  # a signal that a library swallowed on the way: still no reports
+            if received() is None and pending() is None:
+                undo.commit()
+            else:  # a signal that a library swallowed on the way, or one held back right now: still no reports
                 undo.rollback()
-                raise Interrupted(signum)
-            undo.commit()
+                if received() is not None:
+                    raise Interrupted(received())
+        # a held-back signal is delivered here, after the roll-back: its handler raises
     finally:
         _UNDO.reset(token)
 

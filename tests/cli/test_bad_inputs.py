@@ -76,7 +76,7 @@ def _offline_by_connection_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # case -> (expected exit code, text the one stderr line must hold)
 CASES: dict[str, tuple[int, str]] = {
-    "half the tensors removed": (1, "22 of 44 tensors missing (bert.embeddings.LayerNorm.bias, "),
+    "half the tensors removed": (1, "does not match its config: 22 of 44 tensors missing (bert.embeddings.LayerNorm.bias, "),
     "a tensor of another shape": (1, "1 with another shape (bert.encoder.layer.0.attention.self.query.weight (8, 32) vs (32, 32))"),
     "tensors of a layer the config lacks": (1, "1 unexpected (bert.encoder.layer.5.output.dense.weight)"),
     "hub id, HF_HUB_OFFLINE=1": (1, "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache"),

@@ -108,3 +108,20 @@ def test_an_interrupt_swallowed_on_the_way_still_writes_no_report(handlers: None
             except RuntimeError:
                 pass  # e.g. a tokenizer that fails to load is optional
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_held_back_at_the_commit_rolls_back(handlers: None, tmp_path: Path) -> None:
+    """SIGTERM arrives while the files are being committed (signals blocked): they are taken back."""
+    from outlier_probe.errors import Interrupted
+    from outlier_probe.report.io import all_or_nothing, write_text
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        with all_or_nothing():
+            write_text(tmp_path / "stats.csv", "x")
+            os.kill(os.getpid(), signal.SIGTERM)  # pending until unblocked
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        with pytest.raises(Interrupted):  # delivered now, by the CLI's handler
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            time.sleep(0.1)
