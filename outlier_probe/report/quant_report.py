@@ -10,6 +10,7 @@ from rich.table import Table
 from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json
 from outlier_probe.report.meta import header
 from outlier_probe.report.numbers import compact, percent
+from outlier_probe.report.stats_report import SHORT_KIND
 from outlier_probe.stats.summary import DEFINITIONS
 
 RUN_COLUMNS = ["run", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
@@ -64,12 +65,17 @@ def sites_tables(result: Any, limit: int = 15) -> list[Table]:
     for run in result.runs:
         if not run.sites:
             continue
-        table = Table(title=f"{run.run}: worst quantization sites (lowest SQNR first, top {limit})")
+        shown = run.sites[:limit]
+        short = {s["kind"]: SHORT_KIND.get(s["kind"], s["kind"]) for s in shown}
+        legend = ", ".join(f"{v} = {k}" for k, v in short.items() if v != k)
+        table = Table(title=f"{run.run}: worst quantization sites (lowest SQNR first, top {limit})",
+                      caption=f"kind: {legend}" if legend else None)
         table.add_column("site", overflow="fold")  # names wrap; numbers never do
         table.add_column("kind", overflow="fold")
         for col in ("SQNR dB", "kurtosis", "inf-norm"):
             table.add_column(col, justify="right", no_wrap=True)
-        for s in run.sites[:limit]:
-            table.add_row(s["site"], s["kind"], compact(s["sqnr_db"], 3), compact(s["paper_kurtosis"]), compact(s["paper_inf_norm"]))
+        for s in shown:
+            table.add_row(s["site"], short[s["kind"]], compact(s["sqnr_db"], 3), compact(s["paper_kurtosis"]),
+                          compact(s["paper_inf_norm"]))
         tables.append(table)
     return tables

@@ -53,8 +53,8 @@ def write_stats_report(result: Any, out: Path, plots_on: bool = True) -> dict[st
     return written
 
 
-_SHORT = {"block_output": "block", "attn_output": "attn", "ffn_output": "ffn", "residual": "resid",
-          "linear_input": "lin-in", "linear_output": "linear"}
+SHORT_KIND = {"block_output": "block", "attn_output": "attn", "ffn_output": "ffn", "residual": "resid",
+              "linear_input": "lin-in", "linear_output": "linear"}  # column names that fit 80 columns
 _METRICS = (("paper_kurtosis", "kurtosis", "max_kurtosis"), ("paper_inf_norm", "inf-norm", "max_inf_norm"))
 CAPTION = "worst site of each kind per layer; block: residual stream after the layer; resid: residual sum into a norm"
 
@@ -75,7 +75,7 @@ def layer_tables(result: Any) -> list[Table]:
                       caption=CAPTION if column == _METRICS[-1][0] else None)
         table.add_column("layer", justify="right")
         for kind in kinds:
-            table.add_column(_SHORT.get(kind, kind), justify="right", overflow="fold")
+            table.add_column(SHORT_KIND.get(kind, kind), justify="right", overflow="fold")
         for layer in layers:
             cells = ["-" if layer is None else str(layer)]
             for kind in kinds:
