@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from outlier_probe import arch, hub
+from outlier_probe.gguf_files import no_gguf_progress_bar, require_gguf
 from outlier_probe.load_report import check_loading_report
 from outlier_probe.config import AttentionVariant, LoadConfig
 from outlier_probe.errors import ProbeError, UsageError
@@ -155,14 +156,6 @@ def weights_folder(source: str) -> tuple[Path | str, bool]:
     return (path if path is not None else source), False
 
 
-def require_gguf() -> None:
-    """GGUF files are read with the `gguf` package, an optional extra: say how to install it."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ProbeError("reading .gguf checkpoints needs the gguf package: pip install 'outlier-probe[gguf]'") from None
-
-
 def load_config(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
@@ -199,7 +192,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
             assert path is not None
             config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
             cls = _model_class(config, cfg.trust_remote_code)
-            model, report = cls.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+            with no_gguf_progress_bar():
+                model, report = cls.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
             folder: str = str(path.parent)
         else:
             if kind == "dir":

@@ -82,6 +82,7 @@ CASES: dict[str, tuple[int, str]] = {
     "hub id, HF_HUB_OFFLINE=1": (1, "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache"),
     "hub id, no network": (1, "no network (https://huggingface.co unreachable"),
     "gguf extra missing": (1, "pip install 'outlier-probe[gguf]'"),
+    "GGUF lacking a layer's tensors": (1, "does not match its config: 9 of "),
     "corrupt config.json": (1, "is not a valid JSON file"),
     "gate --junit under a file": (2, "cannot write --junit"),
     "gate --junit is a folder": (2, "--junit"),
@@ -116,6 +117,17 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, tiny_checkpoint, te
         (tmp_path / "model.gguf").write_bytes(b"GGUF")
         monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
         args = ["stats", tmp_path / "model.gguf", *data, "--out", out]
+    elif case == "GGUF lacking a layer's tensors":
+        pytest.importorskip("gguf", reason="the `gguf` package writes the GGUF file")
+        from types import SimpleNamespace
+
+        from tests.conftest import make_model, write_tiny_gguf
+
+        model = make_model("llama", vocab_size=320)
+        kept = {k: v for k, v in model.state_dict().items() if ".layers.1." not in k}  # 9 tensors of layer 1 dropped
+        shim = SimpleNamespace(config=model.config, state_dict=lambda: kept)
+        tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(str(tiny_checkpoint("llama")))
+        args = ["stats", write_tiny_gguf(shim, tok, tmp_path / "half.gguf"), *data, "--out", out]
     elif case == "corrupt config.json":
         folder = Path(shutil.copytree(tiny_checkpoint("bert"), tmp_path / "ckpt"))
         (folder / "config.json").write_text('{"model_type": "bert", "hidden_size": ')
@@ -223,3 +235,12 @@ def test_a_failing_last_file_takes_every_output_back(command: str, tiny_checkpoi
     assert res.exit_code == code, res.output
     assert len(res.stderr.splitlines()) == 1 and "No space left on device" in res.stderr, res.stderr
     assert not out.exists(), sorted(out.rglob("*"))  # the reports written before it, and their folders, are gone
+
+
+def test_a_gguf_run_is_quiet_on_stderr(tiny_gguf, text_file: Path, tmp_path: Path) -> None:
+    """transformers de-quantizes GGUF under a bare tqdm bar: three lines of noise on every run, now none."""
+    path, _model = tiny_gguf
+    res = CliRunner().invoke(app, ["stats", str(path), "--data", str(text_file), *SMALL, "--out", str(tmp_path / "out"),
+                                   "--no-plots", "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""
