@@ -39,12 +39,24 @@ def check_loading_report(source: str, model: nn.Module, report: dict[str, Any], 
         return f" ({', '.join(names[:shown])}{more})" if names else ""
 
     shapes = [f"{k} {tuple(ckpt)} vs {tuple(mine)}" for k, ckpt, mine in mismatched]
-    total = len(model.state_dict())
-    raise ProbeError(
-        f"checkpoint {source} does not match its config: {len(missing)} of {total} tensors missing{first(missing)}, "
-        f"{len(unexpected)} unexpected{first(unexpected)}, {len(mismatched)} with another shape{first(shapes)}; "
-        f"measuring it would measure random weights. Is the weights file truncated or from another model?"
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(model.state_dict())} tensors missing{first(missing)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} {_tensors(len(mismatched))} of another shape{first(shapes)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected {_tensors(len(unexpected))}{first(unexpected)}")
+    effect = "measuring it would " + " and ".join(
+        e for e, on in (("use random values for those", missing or mismatched), ("ignore the extra ones", unexpected)) if on
     )
+    raise ProbeError(
+        f"checkpoint {source} does not match its config: {', '.join(parts)}; {effect}. "
+        f"Is the weights file truncated, or from another model than its config?"
+    )
+
+
+def _tensors(n: int) -> str:
+    return "tensor" if n == 1 else "tensors"
 
 
 def _extra_but_harmless(key: str, modules: dict[str, nn.Module]) -> bool:

@@ -77,8 +77,8 @@ def _offline_by_connection_error(monkeypatch: pytest.MonkeyPatch) -> None:
 # case -> (expected exit code, text the one stderr line must hold)
 CASES: dict[str, tuple[int, str]] = {
     "half the tensors removed": (1, "does not match its config: 22 of 44 tensors missing (bert.embeddings.LayerNorm.bias, "),
-    "a tensor of another shape": (1, "1 with another shape (bert.encoder.layer.0.attention.self.query.weight (8, 32) vs (32, 32))"),
-    "tensors of a layer the config lacks": (1, "1 unexpected (bert.encoder.layer.5.output.dense.weight)"),
+    "a tensor of another shape": (1, "1 tensor of another shape (bert.encoder.layer.0.attention.self.query.weight (8, 32) vs (32, 32))"),
+    "tensors of a layer the config lacks": (1, "1 unexpected tensor (bert.encoder.layer.5.output.dense.weight); measuring it would ignore the extra ones"),
     "hub id, HF_HUB_OFFLINE=1": (1, "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache"),
     "hub id, no network": (1, "no network (https://huggingface.co unreachable"),
     "gguf extra missing": (1, "pip install 'outlier-probe[gguf]'"),
@@ -198,7 +198,8 @@ def test_missing_tensor_error_counts_and_names() -> None:
         check_loading_report("ckpt", model, report)
     text = str(err.value)
     assert "4 of 4 tensors missing (0.bias, 0.weight, 1.bias, ... 1 more)" in text
-    assert "1 unexpected (2.weight)" in text  # head.weight: a head the model does not have, not an error
+    assert "1 unexpected tensor (2.weight)" in text  # head.weight: a head the model does not have, not an error
+    assert "would use random values for those and ignore the extra ones" in text
     check_loading_report("ckpt", model, {"missing_keys": set(), "unexpected_keys": {"pooler.dense.weight"}})
 
 
