@@ -60,7 +60,7 @@ def _gate_reports(tiny_checkpoint: Callable[..., Path], text_file: Path, tmp_pat
 
 def _offline_by_connection_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """No HF_HUB_OFFLINE, and every HTTP request fails as it does without network (DNS error)."""
-    import httpx2
+    httpx2 = pytest.importorskip("httpx2", reason="huggingface_hub's HTTP client (its dependency) is simulated here")
     from huggingface_hub import constants
 
     from outlier_probe import hub
