@@ -19,12 +19,17 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 _received: list[int] = []  # the signal that arrived, if any
+_held: list[int] = []  # one that arrived inside `deferred()`, to raise when the region ends
+_deferring = 0  # depth of `deferred()` regions
 
 
 def _raise(signum: int, frame: Any) -> None:
     for sig in SIGNALS:  # the first signal wins: a second Ctrl-C must not interrupt the clean-up
         signal.signal(sig, signal.SIG_IGN)
     _received.append(signum)
+    if _deferring:
+        _held.append(signum)
+        return
     raise Interrupted(signum)
 
 
@@ -58,22 +63,30 @@ def exit_interrupted(err: Interrupted | KeyboardInterrupt) -> None:
         raise SystemExit(code)
 
 
-def pending() -> int | None:
-    """A SIGINT / SIGTERM that arrived while `blocked()` holds it back, or None."""
-    if not hasattr(signal, "sigpending"):
-        return None
-    waiting = signal.sigpending() & set(SIGNALS)
-    return min(waiting) if waiting else None
-
-
 @contextmanager
-def blocked() -> Iterator[None]:
-    """Hold SIGINT / SIGTERM while files are moved into place or rolled back (delivered afterwards)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+def deferred() -> Iterator[None]:
+    """Hold the CLI's SIGINT / SIGTERM until the block ends, then raise it (files moved or rolled back as a unit).
+
+    Python runs signal handlers in the main thread whichever thread the signal reached, so a flag the
+    handler reads works where a thread's signal mask would not (torch's threads take the signal).
+    """
+    global _deferring
+    _deferring += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _deferring -= 1
+    if not _deferring and _held:  # reached only when the block ended without an exception
+        signum = _held[0]
+        _held.clear()
+        raise Interrupted(signum)
+
+
+def forget_held() -> None:
+    """A signal held back while the run's outputs were committed came too late to stop it: the run is complete."""
+    if _held:
+        _held.clear()
+        _received.clear()
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                signal.signal(sig, _raise)

@@ -57,9 +57,12 @@ def main() -> None:
 
 
 def _run() -> int:
-    import typer
+    # A signal is held until the imports are done: raised inside torch's C++ start-up it can abort the
+    # interpreter (SIGABRT and a stack dump) instead of unwinding; held, it costs at most those seconds.
+    with interrupts.deferred():
+        import typer
 
-    app = _load_app()
+        app = _load_app()
     # typer vendors click: find its UsageError (base of BadParameter, NoSuchOption, MissingParameter, ...)
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from outlier_probe.errors import Interrupted, ProbeError
-from outlier_probe.interrupts import blocked, pending, received
+from outlier_probe.interrupts import deferred, forget_held, received
 
 
 def check_out_dir(path: Path) -> Path:
@@ -92,18 +92,17 @@ def all_or_nothing() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        with blocked():
+        with deferred():
             undo.rollback()
         raise
     else:
-        with blocked():
-            if received() is None and pending() is None:
-                undo.commit()
-            else:  # a signal that a library swallowed on the way, or one held back right now: still no reports
+        with deferred():
+            signum = received()
+            if signum is not None:  # a signal that a library swallowed on the way: still no reports
                 undo.rollback()
-                if received() is not None:
-                    raise Interrupted(received())
-        # a held-back signal is delivered here, after the roll-back: its handler raises
+                raise Interrupted(signum)
+            undo.commit()
+            forget_held()  # one that arrives during the commit is too late: the reports are complete
     finally:
         _UNDO.reset(token)
 
@@ -173,7 +172,7 @@ def _move_into_place(tmp: str, path: Path) -> None:
         os.close(fd)
         backup = Path(name)
         shutil.copy2(path, backup)
-    with blocked():  # the rename and its log entry go together
+    with deferred():  # the rename and its log entry go together
         os.replace(tmp, path)
         undo.files.append((path, backup))
 

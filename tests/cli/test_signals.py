@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def handlers(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     from outlier_probe import interrupts
 
     monkeypatch.setattr(interrupts, "_received", [])
+    monkeypatch.setattr(interrupts, "_held", [])
     previous = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
     interrupts.install()
     yield
@@ -110,18 +112,44 @@ def test_an_interrupt_swallowed_on_the_way_still_writes_no_report(handlers: None
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_signal_held_back_at_the_commit_rolls_back(handlers: None, tmp_path: Path) -> None:
-    """SIGTERM arrives while the files are being committed (signals blocked): they are taken back."""
+def test_a_signal_between_a_rename_and_its_log_entry_still_rolls_back(handlers: None, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lands just as a report is renamed into place (from any thread: torch has several)."""
     from outlier_probe.errors import Interrupted
     from outlier_probe.report.io import all_or_nothing, write_text
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
+    real_replace = os.replace
+
+    def replace_then_signal(src: str, dst: str) -> None:
+        real_replace(src, dst)
+        if Path(dst).name == "summary.json":
+            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+            time.sleep(0.2)  # the handler runs here, in the main thread; it is held until the entry is logged
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    with pytest.raises(Interrupted) as err:
         with all_or_nothing():
             write_text(tmp_path / "stats.csv", "x")
-            os.kill(os.getpid(), signal.SIGTERM)  # pending until unblocked
-        assert list(tmp_path.iterdir()) == []
-    finally:
-        with pytest.raises(Interrupted):  # delivered now, by the CLI's handler
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-            time.sleep(0.1)
+            write_text(tmp_path / "summary.json", "{}")
+            write_text(tmp_path / "never.png", "")
+    assert err.value.exit_code == 143
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_during_the_commit_comes_too_late_to_stop_the_run(handlers: None, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from outlier_probe import interrupts
+    from outlier_probe.report import io
+
+    real_commit = io._Undo.commit
+
+    def commit_with_a_signal(self: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        real_commit(self)
+
+    monkeypatch.setattr(io._Undo, "commit", commit_with_a_signal)
+    with io.all_or_nothing():
+        io.write_text(tmp_path / "stats.csv", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.csv"]  # complete, and kept
+    assert interrupts.received() is None and signal.getsignal(signal.SIGINT) is interrupts._raise  # Ctrl-C works again
