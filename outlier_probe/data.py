@@ -64,7 +64,7 @@ def read_text(cfg: DataConfig, max_chars: int | None = None) -> tuple[str, str, 
     else:
         files = _find_files(path, cfg.include)
         if not files:
-            raise ProbeError(f"no files matching {cfg.include!r} under {path}; set --include")
+            raise ProbeError(f"no files matching {cfg.include!r} under {path}; set --include-files")
     parts: list[str] = []
     by_suffix: dict[str, int] = {}
     total = 0

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlier_probe import arch
+from outlier_probe import arch, hub
+from outlier_probe.gguf_files import no_gguf_progress_bar, require_gguf
+from outlier_probe.load_report import check_loading_report
 from outlier_probe.config import AttentionVariant, LoadConfig
 from outlier_probe.errors import ProbeError, UsageError
 
@@ -123,6 +125,8 @@ def _model_class(config: Any, trust_remote_code: bool) -> Any:
 def _wrap_load_error(source: str, err: Exception, kind: str) -> ProbeError:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     low = text.lower()
+    if kind == "hub" and hub.offline_reason():
+        return hub.not_loaded(source)
     if kind == "hub" and any(s in low for s in ("connect", "offline", "resolve", "not a valid model identifier", "couldn't", "could not", "huggingface.co", "repository not found", "does not appear")):
         return ProbeError(
             f"could not load {source!r} from the Hugging Face hub ({text[:160]}); "
@@ -158,8 +162,9 @@ def load_config(source: str, trust_remote_code: bool = False) -> Any:
     kind, path = _classify_source(source)
     if kind == "gguf":
         raise UsageError("GGUF files carry their config inside; load them with load_model")
+    extra = hub.access_kwargs() if kind == "hub" else {}
     try:
-        return AutoConfig.from_pretrained(str(path) if path else source, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(str(path) if path else source, trust_remote_code=trust_remote_code, **extra)
     except Exception as err:  # noqa: BLE001 - turned into one clear line
         raise _wrap_load_error(source, err, kind) from None
 
@@ -168,26 +173,38 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     """Load a checkpoint for measurement (eval mode, on cfg.device, in cfg.dtype), restoring its attention variant."""
     import transformers
 
+    from outlier_probe.attention import GATE  # gate tensors: absent from a fresh model, restored below
+
     kind, path = _classify_source(cfg.source)
     device = cfg.device.resolve()
-    kwargs: dict[str, Any] = {"dtype": cfg.dtype.torch, "trust_remote_code": cfg.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": cfg.dtype.torch, "trust_remote_code": cfg.trust_remote_code,
+                              # every tensor the checkpoint lacks or gets wrong is reported, then judged by check_loading_report
+                              "output_loading_info": True, "ignore_mismatched_sizes": True}
     transformers.logging.set_verbosity_error()  # load reports are ours to make, not warnings on stderr
     transformers.utils.logging.disable_progress_bar()
+    hub.quiet()
+    if kind == "hub":
+        kwargs.update(hub.access_kwargs())
+    if kind == "gguf":
+        require_gguf()
     try:
         if kind == "gguf":
             assert path is not None
             config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
             cls = _model_class(config, cfg.trust_remote_code)
-            model = cls.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+            with no_gguf_progress_bar():
+                model, report = cls.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
             folder: str = str(path.parent)
         else:
             if kind == "dir":
                 assert path is not None
                 _check_weights_present(path)
             folder = str(path) if path else cfg.source
-            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code,
+                                                             local_files_only=kwargs.get("local_files_only", False))
             cls = _model_class(config, cfg.trust_remote_code)
-            model = cls.from_pretrained(folder, use_safetensors=None, **kwargs)
+            model, report = cls.from_pretrained(folder, use_safetensors=None, **kwargs)
+        check_loading_report(cfg.source, model, report, restored_later=(GATE,))
     except ProbeError:
         raise
     except Exception as err:  # noqa: BLE001 - turned into one clear line
@@ -199,7 +216,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     if variant is not AttentionVariant.softmax:
         params = set_attention(model, variant, params)
         if variant is AttentionVariant.gated and kind == "dir":
-            _load_extra_tensors(model, Path(folder), marker="op_gate")
+            _load_extra_tensors(model, Path(folder), marker=GATE)
     model.to(device)
     model.eval()
     processor = _load_processor(folder, kind, path, cfg)
@@ -267,7 +284,8 @@ def _load_processor(folder: str, kind: str, path: Path | None, cfg: LoadConfig) 
                 return transformers.AutoImageProcessor.from_pretrained(folder)
             if not names & {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model"}:
                 return None
-        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        extra = hub.access_kwargs() if kind == "hub" or cfg.tokenizer and not Path(cfg.tokenizer).exists() else {}
+        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
     except Exception:  # noqa: BLE001 - a model without a usable tokenizer can still be probed on images / ids
         if cfg.tokenizer:
             raise ProbeError(f"could not load a tokenizer from {cfg.tokenizer}") from None

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig
 from outlier_probe.errors import UsageError
 from outlier_probe.models import Arch
-from outlier_probe.report.io import ensure_writable_dir, write_text
+from outlier_probe.report.io import ensure_writable_dir, no_empty_folders_on_error, write_text
 from outlier_probe.report.meta import versions
 
 VARIANTS = (AttentionVariant.softmax, AttentionVariant.softmax1, AttentionVariant.clipped, AttentionVariant.gated)
@@ -124,14 +124,18 @@ def _image_source(cfg: ReproduceConfig) -> Path | None:
 
 def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every (family, variant), compare per family, write README.md + reports under cfg.out."""
+    scale = SCALES[cfg.scale]
+    work = cfg.work or Path("runs") / Path(cfg.out).name  # checkpoints stay out of the committed report
+    with no_empty_folders_on_error(cfg.out, work):  # finished twins are kept (resume); empty folders are not
+        return _reproduce(cfg, scale, ensure_writable_dir(cfg.out), ensure_writable_dir(work), log)
+
+
+def _reproduce(cfg: ReproduceConfig, scale: Any, out: Path, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
     from outlier_probe.compare import CompareConfig, CompareEntry, run_compare
     from outlier_probe.report import plots
     from outlier_probe.report.compare_report import compare_markdown, compare_document, write_compare_report
     from outlier_probe.train import TrainConfig, train
 
-    scale = SCALES[cfg.scale]
-    out = ensure_writable_dir(cfg.out)
-    work = ensure_writable_dir(cfg.work or Path("runs") / out.name)  # checkpoints stay out of the committed report
     text_path, include, text_desc = _text_source(cfg, scale, work)
     image_path = _image_source(cfg)
     sections: list[str] = []

@@ -230,9 +230,13 @@ class TrainResult:
 
 
 class TrainingInterrupted(ProbeError):
-    """Ctrl-C during training: the state was saved first."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) during training: the state was saved first."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 Progress = Callable[[TrainStatus], None]
@@ -588,15 +592,18 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from outlier_probe.report.io import no_empty_folders_on_error
+
     out = cfg.out_dir
-    _check_out(cfg, out)
-    device = cfg.device.resolve()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(_threads(cfg.threads))
-    try:
-        return _train(cfg, progress, out, device)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with no_empty_folders_on_error(out):  # bad data must not leave an empty run folder behind
+        _check_out(cfg, out)
+        device = cfg.device.resolve()
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(_threads(cfg.threads))
+        try:
+            return _train(cfg, progress, out, device)
+        finally:
+            torch.set_num_threads(previous_threads)
 
 
 def _train(cfg: TrainConfig, progress: Progress | None, out: Path, device: str) -> TrainResult:
@@ -662,6 +669,7 @@ def _train(cfg: TrainConfig, progress: Progress | None, out: Path, device: str) 
 
     model.train()
     consistent = True  # False while the weights and the step counter disagree (inside opt.step)
+    sigint = _SigintFlag()
     try:
         with _deferred_sigint() as sigint:
             while stopped_by != "already_done":
@@ -710,10 +718,11 @@ def _train(cfg: TrainConfig, progress: Progress | None, out: Path, device: str) 
                 log_row()
             save()
     except KeyboardInterrupt:
+        how = "terminated" if sigint.signum == signal.SIGTERM else "interrupted"
         if not consistent:  # a second Ctrl-C inside opt.step: the weights are half-updated, keep the last save
-            raise TrainingInterrupted(f"interrupted inside step {step + 1}; nothing saved since the last checkpoint in {out}") from None
+            raise TrainingInterrupted(f"{how} inside step {step + 1}; nothing saved since the last checkpoint in {out}", sigint.signum) from None
         save()
-        raise TrainingInterrupted(f"interrupted at step {step}; checkpoint and training state saved in {out}: continue with --resume") from None
+        raise TrainingInterrupted(f"{how} at step {step}; checkpoint and training state saved in {out}: continue with --resume", sigint.signum) from None
     model.eval()
     if cfg.plots and rows:
         from outlier_probe.report.plots import training_curves
@@ -726,11 +735,12 @@ def _train(cfg: TrainConfig, progress: Progress | None, out: Path, device: str) 
 
 class _SigintFlag:
     requested = False
+    signum = signal.SIGINT
 
 
 @contextmanager
 def _deferred_sigint() -> Iterator[_SigintFlag]:
-    """First Ctrl-C: finish the step, save, stop. A second one interrupts at once."""
+    """First Ctrl-C (or SIGTERM): finish the step, save, stop. A second one interrupts at once."""
     flag = _SigintFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag  # signal handlers can only be set from the main thread
@@ -739,13 +749,14 @@ def _deferred_sigint() -> Iterator[_SigintFlag]:
     def handler(signum: int, frame: Any) -> None:
         if flag.requested:
             raise KeyboardInterrupt
-        flag.requested = True
+        flag.requested, flag.signum = True, signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @torch.no_grad()

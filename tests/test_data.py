@@ -124,7 +124,7 @@ def test_folder_is_read_recursively_with_the_include_glob(tmp_path: Path) -> Non
     assert "(2 files" in desc
     md, _, comp_md = read_text(DataConfig(path=tmp_path, include="*.md"))
     assert md.startswith("charlie") and comp_md["files"] == 1
-    with pytest.raises(ProbeError, match=r"no files matching '\*.json'.*set --include"):
+    with pytest.raises(ProbeError, match=r"no files matching '\*.json'.*set --include-files"):
         read_text(DataConfig(path=tmp_path, include="*.json"))
 
 

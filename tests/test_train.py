@@ -135,6 +135,22 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(corpus: Path, toke
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+def test_sigterm_finishes_the_step_saves_and_exits_143(corpus: Path, tokenizers: dict[str, str], tmp_path: Path) -> None:
+    import os
+    import signal
+
+    def term_at_2(status: Any) -> None:
+        if status.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler does before it kills the job
+
+    cfg = micro(tmp_path / "term", corpus, tokenizers, steps=6, log_every=1)
+    with pytest.raises(TrainingInterrupted, match="terminated at step 2.*--resume") as err:
+        train(cfg, progress=term_at_2)
+    assert err.value.exit_code == 143
+    assert torch.load(tmp_path / "term" / STATE_FILE, weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after the run
+
+
 def test_resume_continues_the_step_count_and_checks_settings(corpus: Path, tokenizers: dict[str, str], tmp_path: Path) -> None:
     first = train(micro(tmp_path / "r", corpus, tokenizers, steps=4, eval_every=2))
     again = train(micro(tmp_path / "r", corpus, tokenizers, steps=8, eval_every=2, resume=True))

@@ -9,7 +9,8 @@ from typing import Callable, TypeVar
 
 import typer
 
-from outlier_probe.errors import ProbeError
+from outlier_probe import interrupts
+from outlier_probe.errors import Interrupted, ProbeError
 
 app = typer.Typer(
     name="outlier-probe",
@@ -47,15 +48,16 @@ def guarded(fn: F) -> F:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except ProbeError as err:
-            if os.environ.get("OUTLIER_PROBE_DEBUG"):
-                raise
-            raise fail(str(err), err.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
         except Exception as err:  # noqa: BLE001 - the CLI promise: no traceback
+            signum = interrupts.received()
+            if signum is not None:  # a library turned our Interrupted into its own error: report the signal
+                raise Interrupted(signum) from None
             if os.environ.get("OUTLIER_PROBE_DEBUG"):
                 raise
+            if isinstance(err, ProbeError):
+                raise fail(str(err), err.exit_code) from None
             raise fail(f"{type(err).__name__}: {err} (set OUTLIER_PROBE_DEBUG=1 for the traceback)", 1) from None
 
     return wrapper  # type: ignore[return-value]

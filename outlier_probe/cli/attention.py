@@ -41,7 +41,7 @@ def attention(
     """Per head: mass on the first / special / delimiter tokens, entropy, sink rate, null mass; per layer: massive activations."""
     from outlier_probe.diagnose.attention_run import AttentionConfig, run_attention
     from outlier_probe.report.attention_report import attention_document, heads_table, massive_table, write_attention_report
-    from outlier_probe.report.io import check_out_dir
+    from outlier_probe.report.io import all_or_nothing, check_out_dir
 
     cfg = AttentionConfig(
         load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention_variant, tokenizer),
@@ -53,7 +53,8 @@ def attention(
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "attention") as progress:
         result = run_attention(cfg, progress=progress)
-    written = write_attention_report(result, target)
+    with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
+        written = write_attention_report(result, target)
     if as_json:
         typer.echo(json.dumps(attention_document(result), indent=2, default=str))
         return

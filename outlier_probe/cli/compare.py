@@ -69,7 +69,7 @@ def compare(
     """
     from outlier_probe.cli.quantize import recipes_from_options
     from outlier_probe.compare import CompareConfig, resolve_entries, run_compare
-    from outlier_probe.report.io import check_out_dir
+    from outlier_probe.report.io import all_or_nothing, check_out_dir
     from outlier_probe.report.compare_report import compare_document, compare_table, write_compare_report
 
     base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer)
@@ -88,7 +88,8 @@ def compare(
     console.quiet = quiet or not console.is_terminal  # no bar (and no stray blank line) when stderr is not a terminal
     with batch_progress(console, "measuring") as progress:
         result = run_compare(cfg, progress=progress)
-    written = write_compare_report(result, target, plots_on=not no_plots)
+    with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
+        written = write_compare_report(result, target, plots_on=not no_plots)
     if as_json:
         typer.echo(json.dumps(compare_document(result), indent=2, default=str))
         return

@@ -72,23 +72,29 @@ def gate(
     }  # fmt: skip
     resolved = gate_lib.resolve_config(flags, config_file=config)
 
-    try:
-        if checkpoint is not None:
-            out_dir = out or gate_lib.default_out_dir(checkpoint)
-            settings = gate_lib.MeasureSettings(
-                data=DataConfig(path=data, **{k: v for k, v in data_opts.items() if k != "data" and v is not None}),
-                attention=attention,
-                trust_remote_code=trust_remote_code,
-            )
-            result = gate_lib.gate_checkpoint(checkpoint, settings, resolved, out_dir)
-        else:
-            result = gate_lib.check_reports(report, resolved)
-            out_dir = out or result.reports.folders[0]
-        from outlier_probe.report.io import ensure_writable_dir
+    from outlier_probe.report.io import all_or_nothing, check_out_dir, check_out_file, ensure_writable_dir
 
-        gate_output.write_gate_json(result, ensure_writable_dir(out_dir) / "gate.json")
+    try:
+        # every output path is checked before anything is measured or written; then all are written or none
+        target = out or (gate_lib.default_out_dir(checkpoint) if checkpoint is not None else None)
+        if target is not None:
+            check_out_dir(target)
         if junit is not None:
-            gate_output.write_junit(result, junit)
+            check_out_file(junit, "--junit")
+        with all_or_nothing():
+            if checkpoint is not None:
+                settings = gate_lib.MeasureSettings(
+                    data=DataConfig(path=data, **{k: v for k, v in data_opts.items() if k != "data" and v is not None}),
+                    attention=attention,
+                    trust_remote_code=trust_remote_code,
+                )
+                result = gate_lib.gate_checkpoint(checkpoint, settings, resolved, target)
+            else:
+                result = gate_lib.check_reports(report, resolved)  # reads only
+            out_dir = check_out_dir(target or result.reports.folders[0])
+            gate_output.write_gate_json(result, ensure_writable_dir(out_dir) / "gate.json")
+            if junit is not None:
+                gate_output.write_junit(result, junit)
     except UsageError:
         raise
     except ProbeError as err:  # exit 1 means "a threshold is exceeded" and nothing else

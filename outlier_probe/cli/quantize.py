@@ -82,8 +82,8 @@ def quantize(
     """Simulated W8A8 (or other widths) and optional LLM.int8: float vs quantized metric, per-site SQNR."""
     from outlier_probe.quant.keep import parse_keep_float
     from outlier_probe.quant.run import QuantizeConfig, run_quantize
-    from outlier_probe.report.io import check_out_dir
-    from outlier_probe.report.quant_report import quantize_document, runs_table, sites_table, write_quantize_report
+    from outlier_probe.report.io import all_or_nothing, check_out_dir
+    from outlier_probe.report.quant_report import quantize_document, runs_table, sites_tables, write_quantize_report
 
     recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
     cfg = QuantizeConfig(
@@ -99,13 +99,14 @@ def quantize(
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "evaluating") as progress:
         result = run_quantize(cfg, progress=lambda d, t, label: progress(d, t, f"evaluating {label}"))
-    written = write_quantize_report(result, target)
+    with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
+        written = write_quantize_report(result, target)
     if as_json:
         typer.echo(json.dumps(quantize_document(result), indent=2, default=str))
         return
     if not quiet:
         c = Console()
         c.print(runs_table(result))
-        if any(r.sites for r in result.runs):
-            c.print(sites_table(result))
+        for table in sites_tables(result):
+            c.print(table)
         c.print(f"reports: {', '.join(str(p) for p in written.values())}")

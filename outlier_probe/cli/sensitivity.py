@@ -57,7 +57,7 @@ def sensitivity(
     """
     from outlier_probe.diagnose.plan import Budget
     from outlier_probe.diagnose.sensitivity import SensitivityConfig, run_sensitivity
-    from outlier_probe.report.io import check_out_dir
+    from outlier_probe.report.io import all_or_nothing, check_out_dir
     from outlier_probe.report.sensitivity_report import groups_table, plan_table, sensitivity_document, write_sensitivity_report
 
     (rec,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
@@ -75,7 +75,8 @@ def sensitivity(
     console = Console(stderr=True, quiet=quiet)
     with run_progress(console, "sensitivity") as progress:
         result = run_sensitivity(cfg, progress=progress)
-    written = write_sensitivity_report(result, target)
+    with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
+        written = write_sensitivity_report(result, target)
     if as_json:
         typer.echo(json.dumps(sensitivity_document(result), indent=2, default=str))
     elif not quiet:

@@ -41,8 +41,8 @@ def stats(
     as_json: o.Json = False,
 ) -> None:
     """Per-layer outlier statistics: kurtosis, inf-norm, outlier fractions and channels (stats.csv, summary.json, plots)."""
-    from outlier_probe.report.stats_report import stats_table, summary_document, summary_table, write_stats_report
-    from outlier_probe.report.io import check_out_dir
+    from outlier_probe.report.stats_report import layer_tables, summary_document, summary_table, write_stats_report
+    from outlier_probe.report.io import all_or_nothing, check_out_dir
     from outlier_probe.stats.run import run_stats
 
     cfg = StatsConfig(
@@ -59,12 +59,14 @@ def stats(
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "measuring") as progress:
         result = run_stats(cfg, progress=progress)
-    written = write_stats_report(result, cfg.out, plots_on=cfg.plots)
+    with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
+        written = write_stats_report(result, cfg.out, plots_on=cfg.plots)
     if as_json:
         typer.echo(json.dumps(summary_document(result), indent=2, default=str))
         return
     if not quiet:
         out_console = Console()
-        out_console.print(stats_table(result))
+        for table in layer_tables(result):
+            out_console.print(table)
         out_console.print(summary_table(result))
         out_console.print(f"reports: {', '.join(str(p) for p in written.values())}")

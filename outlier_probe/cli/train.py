@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
@@ -89,7 +88,8 @@ def train_command(
     console = Console(stderr=True, quiet=quiet)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.fields[step]}"),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=quiet, transient=True, refresh_per_second=4) as bar:
+    # only on a terminal: in a pipe or CI log a live bar is noise, and a failed run would leave a blank line on stderr
+    with Progress(*columns, console=console, disable=quiet or not console.is_terminal, transient=True, refresh_per_second=4) as bar:
         task = bar.add_task(f"training {cfg.run}", total=1.0, step=0, loss="-", tps="-")
 
         def update(status) -> None:  # noqa: ANN001 - a train.TrainStatus
@@ -105,14 +105,9 @@ def train_command(
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     if not quiet:
-        table = Table(title=f"train: {cfg.run}")
-        table.add_column("")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            text = _fmt(value, ",.0f" if key == "tokens_per_s" else ".4g") if isinstance(value, float) else str(value)
-            table.add_row(key, text)
-        Console().print(table)
+        from outlier_probe.report.train_report import train_table
 
+        Console().print(train_table(cfg.run, summary))
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)

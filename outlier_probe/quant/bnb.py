@@ -47,7 +47,8 @@ def load_int8(cfg: LoadConfig, loaded: LoadedModel) -> nn.Module:
     if loaded.attention.value != "softmax":
         set_attention(model, loaded.attention, loaded.attention_params)
         if loaded.attention.value == "gated":
+            from outlier_probe.attention import GATE
             from outlier_probe.loading import _load_extra_tensors  # noqa: PLC2701 - same package
 
-            _load_extra_tensors(model, folder, marker="op_gate")
+            _load_extra_tensors(model, folder, marker=GATE)
     return model.eval()

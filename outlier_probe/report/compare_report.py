@@ -17,11 +17,13 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from outlier_probe.compare import DEFINITIONS as COMPARE_DEFINITIONS
-from outlier_probe.compare import ATTENTION_FIGURES, FIGURES, QUANT_FIGURES, CompareResult
+from outlier_probe.compare_types import DEFINITIONS as COMPARE_DEFINITIONS
+from outlier_probe.compare_types import ATTENTION_FIGURES, FIGURES, QUANT_FIGURES, CompareResult
 from outlier_probe.report import plots
 from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json, write_text
 from outlier_probe.report.meta import header
+from outlier_probe.report.numbers import SCI_ABOVE, SCI_BELOW, compact
+from outlier_probe.report.numbers import percent as as_percent
 from outlier_probe.report.quant_report import write_quantize_report
 from outlier_probe.report.stats_report import write_stats_report
 from outlier_probe.stats.summary import DEFINITIONS as STATS_DEFINITIONS
@@ -53,7 +55,9 @@ def _fmt(value: Any, signed: bool = False, percent: bool = False) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     if percent:
-        return f"{100 * value:+.3g}%"
+        return as_percent(value)
+    if value != 0 and not SCI_BELOW <= abs(value) < SCI_ABOVE:
+        return compact(value, signed=signed)  # 4.03e4, not 4.028e+04: the table stays readable at 80 columns
     return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
@@ -64,6 +68,8 @@ def cell(row: dict[str, Any], figure: str, baseline: bool, sep: str = " ") -> st
     if baseline or text == "-" or rel is None or math.isnan(rel):
         return text
     pct = 100 * rel
+    if abs(pct) >= SCI_ABOVE:
+        return f"{text}{sep}({as_percent(rel)})"
     return f"{text}{sep}({pct:+.1f}%)" if abs(pct) < 100 else f"{text}{sep}({pct:+.0f}%)"
 
 

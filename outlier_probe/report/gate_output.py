@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from outlier_probe import __version__
-from outlier_probe.gate import CheckResult, GateResult
+from outlier_probe.gate_types import CheckResult, GateResult
 from outlier_probe.report.io import ensure_writable_dir, write_json, write_text
+from outlier_probe.report.numbers import compact
 
 SUITE_NAME = "outlier-probe gate"
 
@@ -97,18 +98,24 @@ def config_line(result: GateResult) -> str:
     return f"config file: {resolved.config_file or 'none'}; set by flags: {', '.join(flags) if flags else 'none'}"
 
 
-def render_table(result: GateResult, console: Console) -> None:
-    """Check | threshold | measured | result | worst site (or run)."""
+def gate_table(result: GateResult) -> Table:
+    """Check | threshold | measured | result | worst site (or run); names wrap, numbers never."""
     model = f" for {result.reports.model}" if result.reports.model else ""
     table = Table(title=f"outlier-probe gate{model}", caption=config_line(result))
     table.add_column("check", overflow="fold")
-    table.add_column("threshold", justify="right")
-    table.add_column("measured", justify="right")
-    table.add_column("result", justify="center")
+    table.add_column("threshold", justify="right", no_wrap=True)
+    table.add_column("measured", justify="right", no_wrap=True)
+    table.add_column("result", justify="center", no_wrap=True)
     table.add_column("worst site / run", overflow="fold")
     for c in result.checks:
         verdict = "[green]PASS[/green]" if c.passed else "[bold red]FAIL[/bold red]"
-        table.add_row(c.name, f"{c.op} {fmt(c.limit)}", fmt(c.measured), verdict, c.worst or "")
+        table.add_row(c.name, f"{c.op} {compact(c.limit)}", compact(c.measured), verdict, c.worst or "")
+    return table
+
+
+def render_table(result: GateResult, console: Console) -> None:
+    """Print the gate table and the verdict line."""
+    table = gate_table(result)
     console.print(table)
     n_failed = len(result.failed)
     if n_failed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,8 @@ from rich.table import Table
 
 from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json
 from outlier_probe.report.meta import header
+from outlier_probe.report.numbers import compact, percent
+from outlier_probe.report.stats_report import SHORT_KIND
 from outlier_probe.stats.summary import DEFINITIONS
 
 RUN_COLUMNS = ["run", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
@@ -42,35 +43,39 @@ def write_quantize_report(result: Any, out: Path) -> dict[str, Path]:
     }
 
 
-def _f(value: float, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.3g}"
-
-
 def runs_table(result: Any) -> Table:
     rows = result.rows()
     metric = rows[0]["metric"] if rows else ""
     table = Table(title=f"{result.model['name']}: float vs quantized {metric}", caption=result.metric_note)
-    for col, justify in (("run", "left"), ("recipe", "left"), ("float", "right"), ("quantized", "right"),
-                         ("change", "right"), ("relative", "right")):
-        table.add_column(col, justify=justify)
+    table.add_column("run", overflow="fold")
+    table.add_column("recipe", overflow="fold")
+    for col in ("float", "quantized", "change", "relative"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         worse = (r["abs_change"] < 0) if r["higher_is_better"] else (r["abs_change"] > 0)
         style = "red" if worse and abs(r["rel_change"]) > 0.05 else ("yellow" if worse else "green")
-        table.add_row(r["run"], r["description"], _f(r["float"]), _f(r["quantized"]),
-                      f"[{style}]{r['abs_change']:+.3f}[/]", f"[{style}]{100 * r['rel_change']:+.2f}%[/]")
+        table.add_row(r["run"], r["description"], compact(r["float"]), compact(r["quantized"]),
+                      f"[{style}]{compact(r['abs_change'], signed=True)}[/]", f"[{style}]{percent(r['rel_change'])}[/]")
     return table
 
 
-def sites_table(result: Any, limit: int = 15) -> Table:
-    table = Table(title=f"worst quantization sites (SQNR, lowest first; top {limit} per run)")
-    for col in ("run", "site", "kind", "SQNR dB", "kurtosis", "inf-norm"):
-        table.add_column(col, justify="left" if col in ("run", "site", "kind") else "right",
-                         overflow="fold", min_width=28 if col == "site" else None)
+def sites_tables(result: Any, limit: int = 15) -> list[Table]:
+    """The `limit` sites of lowest SQNR, one table per run (a run column would leave the site names no room)."""
+    tables = []
     for run in result.runs:
-        for s in run.sites[:limit]:
-            table.add_row(run.run, s["site"], s["kind"], _f(s["sqnr_db"], 1), _f(s["paper_kurtosis"], 1), _f(s["paper_inf_norm"], 2))
-    return table
+        if not run.sites:
+            continue
+        shown = run.sites[:limit]
+        short = {s["kind"]: SHORT_KIND.get(s["kind"], s["kind"]) for s in shown}
+        legend = ", ".join(f"{v} = {k}" for k, v in short.items() if v != k)
+        table = Table(title=f"{run.run}: worst quantization sites (lowest SQNR first, top {limit})",
+                      caption=f"kind: {legend}" if legend else None)
+        table.add_column("site", overflow="fold")  # names wrap; numbers never do
+        table.add_column("kind", overflow="fold")
+        for col in ("SQNR dB", "kurtosis", "inf-norm"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for s in shown:
+            table.add_row(s["site"], short[s["kind"]], compact(s["sqnr_db"], 3), compact(s["paper_kurtosis"]),
+                          compact(s["paper_inf_norm"]))
+        tables.append(table)
+    return tables

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from rich.table import Table
 from outlier_probe.report import plots
 from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json
 from outlier_probe.report.meta import header
+from outlier_probe.report.numbers import compact
 from outlier_probe.stats.summary import DEFINITIONS
 
 COLUMNS = ["site", "kind", "layer", "n_sequences", "count", "mean", "var", "std", "kurtosis", "excess_kurtosis",
@@ -53,58 +53,54 @@ def write_stats_report(result: Any, out: Path, plots_on: bool = True) -> dict[st
     return written
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
-    return str(value)
+SHORT_KIND = {"block_output": "block", "attn_output": "attn", "ffn_output": "ffn", "residual": "resid",
+              "linear_input": "lin-in", "linear_output": "linear"}  # column names that fit 80 columns
+_METRICS = (("paper_kurtosis", "kurtosis", "max_kurtosis"), ("paper_inf_norm", "inf-norm", "max_inf_norm"))
+CAPTION = "worst site of each kind per layer; block: residual stream after the layer; resid: residual sum into a norm"
 
 
-_SHORT = {"block_output": "block", "attn_output": "attn", "ffn_output": "ffn", "residual": "resid",
-          "linear_input": "lin-in", "linear_output": "linear"}
+def layer_tables(result: Any) -> list[Table]:
+    """One table per metric (paper kurtosis, paper inf-norm): a row per layer, a column per site kind.
 
-
-def stats_table(result: Any) -> Table:
-    """One row per layer; for each site kind the worst paper kurtosis / inf-norm of that layer; worst values in red."""
+    Each cell is the worst site of that kind in that layer; the model's worst value is in red. One
+    metric per table keeps every column readable at 80 columns, whatever the number of site kinds.
+    """
     rows = result.rows()
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None}) + ([None] if any(r["layer"] is None for r in rows) else [])
-    table = Table(title=f"{result.model['name']}: outliers per layer (kurtosis / inf-norm, paper definitions)",
-                  header_style="bold", caption="block = residual stream after the layer, resid = residual sum entering a norm")
-    table.add_column("layer", justify="right")
-    for kind in kinds:
-        short = _SHORT.get(kind, kind)
-        table.add_column(f"{short}\nkurt", justify="right")
-        table.add_column(f"{short}\ninf", justify="right")
-    worst_k = result.summary.get("max_kurtosis")
-    worst_i = result.summary.get("max_inf_norm")
-    for layer in layers:
-        cells = ["-" if layer is None else str(layer)]
+    tables = []
+    for column, label, worst_key in _METRICS:
+        worst = result.summary.get(worst_key)
+        table = Table(title=f"{result.model['name']}: {label} per layer (paper definition)", header_style="bold",
+                      caption=CAPTION if column == _METRICS[-1][0] else None)
+        table.add_column("layer", justify="right")
         for kind in kinds:
-            sel = [r for r in rows if r["layer"] == layer and r["kind"] == kind]
-            if not sel:
-                cells += ["", ""]
-                continue
-            k = max(r["paper_kurtosis"] for r in sel)
-            i = max(r["paper_inf_norm"] for r in sel)
-            cells.append(f"[bold red]{_fmt(k)}[/]" if k == worst_k else _fmt(k))
-            cells.append(f"[bold red]{_fmt(i)}[/]" if i == worst_i else _fmt(i))
-        table.add_row(*cells)
-    return table
+            table.add_column(SHORT_KIND.get(kind, kind), justify="right", overflow="fold")
+        for layer in layers:
+            cells = ["-" if layer is None else str(layer)]
+            for kind in kinds:
+                values = [r[column] for r in rows if r["layer"] == layer and r["kind"] == kind]
+                value = max(values) if values else None
+                text = compact(value) if values else ""
+                cells.append(f"[bold red]{text}[/]" if values and value == worst else text)
+            table.add_row(*cells)
+        tables.append(table)
+    return tables
 
 
 def summary_table(result: Any) -> Table:
     s = result.summary
     table = Table(title="model summary", show_header=False)
     table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("where")
-    table.add_row("average kurtosis", _fmt(s["avg_kurtosis"]), f"over {s['sites']} sites")
-    table.add_row("max kurtosis", _fmt(s["max_kurtosis"]), str(s["max_kurtosis_site"]))
-    table.add_row("max inf-norm", _fmt(s["max_inf_norm"]), str(s["max_inf_norm_site"]))
-    table.add_row("max inf-norm, block outputs", _fmt(s["max_inf_norm_block_output"]), "")
-    table.add_row("global max |x|", _fmt(s["max_abs"]), str(s["max_abs_site"]))
-    table.add_row("max fraction |x| > 6", _fmt(s["max_outlier_fraction"], 6), str(s["max_outlier_fraction_site"]))
-    table.add_row("data", "", f"{result.data.get('description')}; {result.data.get('sequences')} seq, {result.data.get('tokens'):,} tokens" if result.data.get("tokens") else str(result.data.get("description")))
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("where", overflow="fold")  # site names may wrap, numbers never
+    table.add_row("average kurtosis", compact(s["avg_kurtosis"]), f"over {s['sites']} sites")
+    table.add_row("max kurtosis", compact(s["max_kurtosis"]), str(s["max_kurtosis_site"]))
+    table.add_row("max inf-norm", compact(s["max_inf_norm"]), str(s["max_inf_norm_site"]))
+    table.add_row("max inf-norm (blocks)", compact(s["max_inf_norm_block_output"]), "block outputs")
+    table.add_row("global max |x|", compact(s["max_abs"]), str(s["max_abs_site"]))
+    table.add_row("max fraction |x| > 6", compact(s["max_outlier_fraction"]), str(s["max_outlier_fraction_site"]))
+    data = result.data
+    where = f"{data.get('description')}; {data.get('sequences')} seq, {data.get('tokens'):,} tokens" if data.get("tokens") else str(data.get("description"))
+    table.add_row("data", "", where)
     return table

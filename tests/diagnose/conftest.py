@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,12 @@ def fragile_encoder(vocab_size: int, layer: int = FRAGILE_LAYER) -> torch.nn.Mod
 def fragile_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Callable[[str], Any]) -> Path:
     tok = tiny_tokenizer("bert")
     out = tmp_path_factory.mktemp("fragile-bert")
-    fragile_encoder(len(tok)).save_pretrained(str(out))
+    from transformers import BertModel
+
+    encoder = fragile_encoder(len(tok))
+    torch.manual_seed(0)
+    full = BertModel(copy.deepcopy(encoder.config))  # with its pooler: a checkpoint that fills the model it names
+    full.load_state_dict(encoder.state_dict(), strict=False)  # every tensor but the (seeded) pooler's
+    full.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out

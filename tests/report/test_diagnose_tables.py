@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from rich.console import Console
-
 from outlier_probe.diagnose.attention_stats import HeadStats
 from outlier_probe.diagnose.attention_run import LayerFinding
 from outlier_probe.diagnose.massive import MassiveStats
@@ -14,15 +12,11 @@ from outlier_probe.diagnose.sensitivity import GroupResult, Measured
 from outlier_probe.evaluation import MetricName
 from outlier_probe.report.attention_report import heads_table, massive_table
 from outlier_probe.report.sensitivity_report import groups_table, num, plan_table
+from tests.tablecheck import assert_no_cut
 
 
 def _render(table) -> str:  # noqa: ANN001
-    console = Console(width=80, record=True, force_terminal=False)
-    console.print(table)
-    text = console.export_text()
-    assert "…" not in text, text
-    assert max(len(line) for line in text.splitlines()) <= 80
-    return text
+    return assert_no_cut(table)  # the shared check: no "…", no folded or cropped number at 80 columns
 
 
 def test_num_is_compact() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from outlier_probe.gate import CheckResult, GateConfig, GateResult, ReportFiles, ResolvedGate
+from outlier_probe.gate_types import CheckResult, GateConfig, GateResult, ReportFiles, ResolvedGate
 from outlier_probe.report import gate_output
 
 
