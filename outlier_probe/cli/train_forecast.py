@@ -21,7 +21,7 @@ def train_stanhop(*, size: str | None, layers: int | None, hidden: int | None, h
                   device: Any, threads: int | None, out: Path | None, overwrite: bool, quiet: bool, as_json: bool) -> None:
     from outlier_probe.forecast.hopfield import parse_variant
     from outlier_probe.forecast.reproduce import recipe_for
-    from outlier_probe.forecast.train import ForecastTrainConfig, train_forecaster
+    from outlier_probe.train.forecasting import ForecastTrainConfig, train_forecaster
     from outlier_probe.report.io import check_out_dir
 
     variant = parse_variant(attention)

@@ -5,5 +5,5 @@
 - `data`      CSV -> standard split -> train-fitted scaler -> sliding windows
 - `metrics`   MSE / MAE, persistence and least-squares linear baselines, the paper's outlier summary
 - `quant`     W8A8 (paper recipe) on the forecaster
-- `train`     the forecasting task of the shared training loop
+- training: `outlier_probe.train.forecasting` (the forecasting task of the train package)
 """

@@ -18,7 +18,7 @@ import torch
 from outlier_probe.errors import UsageError
 from outlier_probe.forecast.hopfield import HopfieldVariant as V
 from outlier_probe.forecast.model import StanhopConfig
-from outlier_probe.forecast.train import ForecastTrainConfig
+from outlier_probe.train.forecasting import ForecastTrainConfig
 
 TABLE1_VARIANTS = (V.softmax, V.softmax1, V.clipped, V.clipped_softmax1, V.gated, V.gated_softmax1)
 # Paper Table 1 (ETTh1, horizon 24): avg kurtosis, max inf-norm, FP MSE, W8A8 MSE
@@ -91,7 +91,7 @@ def run_one(preset: Preset, data: Path, variant: V, seed: int, work: Path, devic
     from outlier_probe.forecast.data import read_series
     from outlier_probe.forecast.metrics import PaperSummary, evaluate
     from outlier_probe.forecast.quant import calibrate_forecaster, quantize_forecaster
-    from outlier_probe.forecast.train import train_forecaster
+    from outlier_probe.train.forecasting import train_forecaster
     from outlier_probe.quant.recipes import QuantConfig
     from outlier_probe.report.io import write_json
 

@@ -9,7 +9,7 @@ import pytest
 from outlier_probe.forecast.data import read_series
 from outlier_probe.forecast.metrics import evaluate, persistence, score
 from outlier_probe.forecast.reproduce import recipe_for
-from outlier_probe.forecast.train import ForecastTrainConfig, train_forecaster
+from outlier_probe.train.forecasting import ForecastTrainConfig, train_forecaster
 from tests.forecast.test_data import ETTH1
 
 
