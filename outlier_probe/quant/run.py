@@ -151,6 +151,10 @@ def _stats_sites(model: nn.Module, qsites: list[QuantSite]) -> list[arch.Site]:
 def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> QuantizeResult:
     """The whole `quantize` job: float score, then for each recipe / backend a calibrated quantized score."""
     loaded = loaded or load_model(cfg.load)
+    if loaded.info.family is arch.Family.stanhop:
+        from outlier_probe.forecast.run import run_forecast_quantize
+
+        return run_forecast_quantize(cfg, None, progress)  # every test window of the --data CSV
     torch.manual_seed(cfg.data.seed)
     image_size = getattr(loaded.model.config, "image_size", None)
     batches = batches_for_model(loaded.processor, loaded.info, cfg.data, image_size)

@@ -81,6 +81,16 @@ def _plots(out: Path, results: Sequence[dict[str, Any]], variants: list[str]) ->
             "![validation MSE by epoch, one line per seed](training.png)"]
 
 
+def _model_text(model: Any) -> str:
+    d = model.to_dict()
+    keys = ("in_len", "horizon", "seg_len", "win", "factor", "d_model", "d_ff", "n_heads", "e_layers", "dropout")
+    return ", ".join(f"{k} {d[k]}" for k in keys)
+
+
+def _train_text(train: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in train.items())
+
+
 def write_forecast_report(out: Path, *, preset: Any, data_desc: dict[str, Any], results: Sequence[dict[str, Any]],
                           baselines: Mapping[str, Any], paper: Mapping[Any, tuple[float, ...]], command: str, wall_s: float) -> None:
     import pandas as pd
@@ -91,16 +101,20 @@ def write_forecast_report(out: Path, *, preset: Any, data_desc: dict[str, Any], 
                                       "baselines": {k: vars(v) for k, v in baselines.items()}, "versions": versions()})
     paper_by = {getattr(k, "value", k): v for k, v in paper.items()}
     seeds = sorted({r["seed"] for r in results})
+    compute_s = sum(float(r.get("train_s", 0)) + float(r.get("eval_s", 0)) for r in results)
+    test_windows = sorted({int(r.get("test_windows", 0)) for r in results})
     lines = [f"# Reproduction: STanHop-Net on ETTh1 (OutEffHop paper, Table 1), preset `{preset.name}`", "",
              "Regenerate with:", "", f"    {command}", "",
-             f"Model: {preset.note}; {preset.model.to_dict()}. Training: {preset.train}. Seeds {seeds}. "
-             f"Wall time of this run (training + evaluation, runs reused from an earlier start excluded): {wall_s / 60:.1f} min.",
+             f"Model: {preset.note}; {_model_text(preset.model)}. Training: {_train_text(preset.train)}. Seeds {seeds}. "
+             f"Compute: {compute_s / 60:.1f} min summed over the {len(results)} runs (training + evaluation, one thread each; "
+             f"this invocation's wall time {wall_s / 60:.1f} min, finished runs are reused, not rerun).",
              f"Data: {data_desc['data']}, columns {', '.join(data_desc['columns'])}; in_len {data_desc['in_len']}, horizon "
              f"{data_desc['horizon']}; split rows {data_desc['split_rows']}; windows {data_desc['windows']} (stride 1); "
              "values standardised with the training rows' mean and std.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".", "",
              "## Definitions", "",
-             "- FP / W8A8 MSE and MAE: mean over every test window, step and column of the standardised values.",
+             f"- FP / W8A8 MSE and MAE: mean over every test window ({', '.join(map(str, test_windows))} windows), step and "
+             "column of the standardised values; the best-validation checkpoint of each run.",
              "- W8A8: the paper recipe (weights symmetric per-tensor min-max 8 bit; activations asymmetric per-tensor "
              "running min-max 8 bit at every Linear and LayerNorm output, every norm input (residual sums), the "
              "retrieved patterns, the attention scores and probabilities; prediction heads in float), ranges from "
@@ -120,6 +134,12 @@ def write_forecast_report(out: Path, *, preset: Any, data_desc: dict[str, Any], 
             m, s, _ = _stats(results, v, key)
             cells.append(_pm(m, s))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Training per run (best epoch by validation MSE / epochs run, seconds):", ""]
+    for v in variants:
+        runs = sorted((r for r in results if r["variant"] == v), key=lambda r: r["seed"])
+        lines.append(f"- {_NAMES.get(v, v)}: " + "; ".join(
+            f"seed {r['seed']}: {r.get('best_epoch')}/{r.get('epochs_run')}, val MSE {float(r.get('best_val_mse', math.nan)):.3f}, "
+            f"{float(r.get('train_s', math.nan)):.0f} s + {float(r.get('eval_s', math.nan)):.0f} s eval" for r in runs))
     lines += ["", "## Control baselines on the same test windows", "", "| forecast | MSE | MAE |", "| --- | ---: | ---: |"]
     for name, sc in baselines.items():
         lines.append(f"| {name} | {sc.mse:.3f} | {sc.mae:.3f} |")
