@@ -66,6 +66,7 @@ class ForecastReproduceConfig:
     seeds: tuple[int, ...] | None = None
     device: str = "cpu"
     shrink: bool = False  # tests: the preset's recipe at toy size (1 block, d 8, one short epoch, 128 test windows)
+    report_only: bool = False  # write the report from the runs already finished in `work`; train nothing
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -142,7 +143,8 @@ def run_forecast_reproduction(cfg: ForecastReproduceConfig, log: Callable[[str],
     w, b = fit_linear(x_tr, y_tr)
     baselines = {"persistence": score(persistence(x_te, series.horizon), y_te),
                  "linear (least squares, in_len -> horizon shared over columns)": score(linear_forecast(x_te, w, b), y_te)}
-    results = []
+    results: list[dict[str, Any]] = []
+    missing: list[str] = []
     start = time.perf_counter()
     for variant in cfg.variants or TABLE1_VARIANTS:
         for seed in cfg.seeds or preset.seeds:
@@ -151,6 +153,9 @@ def run_forecast_reproduction(cfg: ForecastReproduceConfig, log: Callable[[str],
                 results.append(json.loads(done.read_text()))
                 log(f"{variant.value} seed {seed}: reused {done}")
                 continue
+            if cfg.report_only:
+                missing.append(f"{variant.value} seed {seed}")
+                continue
             log(f"{variant.value} seed {seed}: training ({time.perf_counter() - start:.0f} s so far)")
             r = run_one(preset, data, variant, seed, work, cfg.device, log, test_windows)
             log(f"{variant.value} seed {seed}: FP MSE {r['fp_mse']:.4f}, W8A8 MSE {r['w8a8_mse']:.4f}, "
@@ -158,7 +163,7 @@ def run_forecast_reproduction(cfg: ForecastReproduceConfig, log: Callable[[str],
             results.append(r)
     write_forecast_report(out, preset=preset, data_desc=series.describe(), results=results, baselines=baselines,
                           paper=PAPER_TABLE1, command=f"outlier-probe reproduce --preset {cfg.preset} --out {cfg.out}",
-                          wall_s=time.perf_counter() - start)
+                          wall_s=time.perf_counter() - start, missing=missing)
     return {"results": results, "baselines": {k: vars(v) for k, v in baselines.items()}}
 
 

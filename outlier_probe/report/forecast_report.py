@@ -92,7 +92,8 @@ def _train_text(train: Mapping[str, Any]) -> str:
 
 
 def write_forecast_report(out: Path, *, preset: Any, data_desc: dict[str, Any], results: Sequence[dict[str, Any]],
-                          baselines: Mapping[str, Any], paper: Mapping[Any, tuple[float, ...]], command: str, wall_s: float) -> None:
+                          baselines: Mapping[str, Any], paper: Mapping[Any, tuple[float, ...]], command: str, wall_s: float,
+                          missing: Sequence[str] = ()) -> None:
     import pandas as pd
 
     variants = list(dict.fromkeys(r["variant"] for r in results))
@@ -112,6 +113,8 @@ def write_forecast_report(out: Path, *, preset: Any, data_desc: dict[str, Any], 
              f"{data_desc['horizon']}; split rows {data_desc['split_rows']}; windows {data_desc['windows']} (stride 1); "
              "values standardised with the training rows' mean and std.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".", "",
+             *([f"**Incomplete**: {len(missing)} run(s) had not finished when this report was written and are missing: "
+                f"{', '.join(missing)}. Means and spreads use the seeds present.", ""] if missing else []),
              "## Definitions", "",
              f"- FP / W8A8 MSE and MAE: mean over every test window ({', '.join(map(str, test_windows))} windows), step and "
              "column of the standardised values; the best-validation checkpoint of each run.",
