@@ -80,7 +80,7 @@ def read_series(path: Path, in_len: int, horizon: int) -> Series:
     if not columns or frame.shape[0] == 0:
         raise UsageError(f"--data {path}: no numeric columns besides 'date' (or no rows)")
     numeric = frame[columns].apply(pd.to_numeric, errors="coerce")
-    bad = numeric.isna() & ~frame[columns].isna() | frame[columns].isna()
+    bad = numeric.isna()  # missing cells and cells that are not numbers
     if bad.to_numpy().any():
         row, col = np.argwhere(bad.to_numpy())[0]
         raise UsageError(f"--data {path}: non-numeric or missing value in column {columns[col]!r} at data row {row + 1}")
@@ -91,9 +91,7 @@ def read_series(path: Path, in_len: int, horizon: int) -> Series:
             raise UsageError(f"--data {path}: the {split} split (rows {a}..{b}) is too short for in_len {in_len} + "
                              f"horizon {horizon} ({len(values)} rows in the file)")
     t0, t1 = borders["train"]
-    scaler = StandardScaler().fit(values[t0:t1])
-    if np.any(scaler.scale_ == 0):
-        pass  # sklearn sets a zero std to 1: a constant column stays centred
+    scaler = StandardScaler().fit(values[t0:t1])  # a column constant on the training rows gets scale 1 (sklearn)
     out = scaler.transform(values).astype(np.float32)
     if not np.isfinite(out).all():
         raise ProbeError(f"--data {path}: values overflow after standardisation")

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from outlier_probe.errors import UsageError
+from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.forecast import model as fmodel
-from outlier_probe.forecast.data import read_series
+from outlier_probe.forecast.data import Series, read_series
 from outlier_probe.forecast.metrics import evaluate
 
 Progress = Callable[[int, int, str], None]
@@ -70,8 +70,17 @@ class ForecastTrainResult:
 def train_forecaster(cfg: ForecastTrainConfig, progress: Progress | None = None, log: Callable[[str], None] | None = None) -> ForecastTrainResult:
     series = read_series(cfg.data, cfg.model.in_len, cfg.model.horizon)
     mcfg = replace(cfg.model, data_dim=len(series.columns), columns=series.columns)
+    previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, series, mcfg, progress, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: ForecastTrainConfig, series: Series, mcfg: fmodel.StanhopConfig, progress: Progress | None,
+           log: Callable[[str], None] | None) -> ForecastTrainResult:
     dev = torch.device(cfg.device)
     x_tr, y_tr = (t.to(dev) for t in series.tensors("train"))
     x_va, y_va = (t.to(dev) for t in series.tensors("val", cfg.val_windows))
@@ -100,6 +109,8 @@ def train_forecaster(cfg: ForecastTrainConfig, progress: Progress | None = None,
             if progress is not None:
                 progress(step, total, f"epoch {epoch}")
         val = evaluate(model, x_va, y_va)
+        if not math.isfinite(val.mse):
+            raise ProbeError(f"training diverged in epoch {epoch} (validation MSE {val.mse}); lower --lr")
         row = {"epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"], "train_mse": float(loss_sum) / n_epoch,
                "val_mse": val.mse, "val_mae": val.mae, "elapsed_s": round(time.perf_counter() - start, 2)}
         rows.append(row)
