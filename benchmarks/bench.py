@@ -14,6 +14,8 @@ heads      forward with attention probabilities captured and observed (`attentio
            (the model's own kernel keeps computing the output; reported, no target)
 sensitivity  `sensitivity` (layer groups, no budget) / one quantized evaluation of `quantize`'s size
            (build + calibrate + score)                                 target <= 2 x groups + 2
+stanhop    STanHop-Net training throughput (windows/s) of every Hopfield variant / softmax, on the
+           stanhop-cpu preset's model and batch (one thread)   target softmax1 >= 0.95x; others as measured
 """
 
 from __future__ import annotations
@@ -221,8 +223,47 @@ def bench_heads() -> None:
           f"with attention statistics {t_cap * 1e3:7.1f} ms  ratio {t_cap / t_plain:.3f}x, median of rounds {median:.3f}x")
 
 
+def bench_stanhop() -> None:
+    from outlier_probe.forecast import model as fmodel
+    from outlier_probe.forecast.hopfield import HopfieldVariant
+    from outlier_probe.forecast.reproduce import PRESETS
+
+    preset = PRESETS["stanhop-cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the preset trains
+    bs = preset.train["batch_size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(bs, preset.model.in_len, preset.model.data_dim, generator=g)
+    y = torch.randn(bs, preset.model.horizon, preset.model.data_dim, generator=g)
+
+    def trainer(variant: HopfieldVariant) -> Callable[[], None]:
+        from dataclasses import replace
+
+        model = fmodel.build(replace(preset.model, attention=variant)).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def steps() -> None:
+            for _ in range(3):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+
+        return steps
+
+    base = trainer(HopfieldVariant.softmax)
+    for variant in list(HopfieldVariant)[1:]:
+        t0, t1, median = interleaved(base, trainer(variant), 5)
+        wps0, wps1 = 3 * bs / t0, 3 * bs / t1
+        target = "  (target >= 0.95x)" if variant is HopfieldVariant.softmax1 else ""
+        print(f"stanhop   {variant.value:17s} training {wps1:6.1f} vs softmax {wps0:6.1f} windows/s: ratio {wps1 / wps0:.3f}x "
+              f"(median of rounds {1 / median:.3f}x){target}")
+    torch.set_num_threads(threads)
+
+
 BENCHES = {"hooks": bench_hooks, "heads": bench_heads, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention,
-           "sensitivity": bench_sensitivity}
+           "sensitivity": bench_sensitivity, "stanhop": bench_stanhop}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(BENCHES)

@@ -14,6 +14,7 @@ from typing import Literal
 
 from torch import nn
 
+from outlier_probe import arch_stanhop
 from outlier_probe.config import SiteKind, SiteSelection
 from outlier_probe.errors import UsageError
 
@@ -25,6 +26,7 @@ class Family(str, enum.Enum):
     opt = "opt"
     llama = "llama"  # Llama, Mistral, Qwen2/3, SmolLM, ... (pre-RMSNorm decoders)
     vit = "vit"
+    stanhop = "stanhop"  # STanHop-Net forecaster (not a transformers model): names in arch_stanhop.py
     generic = "generic"
 
 
@@ -33,6 +35,7 @@ class Task(str, enum.Enum):
     masked_lm = "masked_lm"
     image_classification = "image_classification"
     encoder = "encoder"  # no head we can score: hidden-state fidelity only
+    forecasting = "forecasting"  # multivariate time-series forecaster (stanhop)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ class ModelInfo:
 def family_of(model: nn.Module) -> Family:
     """The family adapter for a model: by config.model_type, else the generic fallback."""
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    if model_type == arch_stanhop.MODEL_TYPE:
+        return Family.stanhop
     family = _MODEL_TYPES.get(model_type, Family.generic)
     if family is not Family.generic and _find_layer_stack(model, _SPECS[family]) is None:
         return Family.generic  # a relative with different internals: hook generically rather than fail
@@ -164,6 +169,8 @@ def family_of(model: nn.Module) -> Family:
 
 def task_of(model: nn.Module) -> Task:
     name = type(model).__name__
+    if arch_stanhop.is_stanhop(model):
+        return Task.forecasting
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return Task.causal_lm
     if name.endswith("ForMaskedLM"):
@@ -176,6 +183,9 @@ def task_of(model: nn.Module) -> Task:
 def model_info(model: nn.Module) -> ModelInfo:
     cfg = model.config
     family = family_of(model)
+    if family is Family.stanhop:
+        return ModelInfo(family, Task.forecasting, cfg.model_type, cfg.d_model, cfg.n_heads, len(arch_stanhop.blocks(model)),
+                         cfg.in_len, None, False, False)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
     def first(*names: str) -> int | None:
@@ -220,6 +230,8 @@ def layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     family = family_of(model)
     if family is Family.generic:
         return []
+    if family is Family.stanhop:
+        return arch_stanhop.blocks(model)
     stack = _find_layer_stack(model, _SPECS[family])
     assert stack is not None
     return [(f"{stack}.{i}", block) for i, block in enumerate(model.get_submodule(stack))]
@@ -239,6 +251,8 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def head_module_names(model: nn.Module) -> list[str]:
     """Top-level modules outside the backbone (LM / MLM / classifier heads): kept in float by the recipes."""
+    if arch_stanhop.is_stanhop(model):
+        return []  # its heads sit inside the decoder blocks: arch_stanhop.is_head
     prefix = getattr(model, "base_model_prefix", "")
     if not prefix or getattr(model, "base_model", model) is model:
         # a bare backbone (BertModel, LlamaModel, MiniLM): only its pooler (a classification head) is a head
@@ -342,7 +356,13 @@ def _is_linear(module: nn.Module) -> bool:
 def find_sites(model: nn.Module, selection: SiteSelection = SiteSelection()) -> list[Site]:
     """Every site of the selected kinds, in model order, filtered by include/exclude fnmatch patterns."""
     family = family_of(model)
-    sites = _generic_sites(model, selection.kinds) if family is Family.generic else _family_sites(model, family, selection.kinds)
+    if family is Family.stanhop:
+        sites = [Site(n if c == "output" else f"{n}:input", k, layer, model.get_submodule(n), c, n)
+                 for n, k, layer, c in arch_stanhop.site_specs(model) if k in selection.kinds]
+    elif family is Family.generic:
+        sites = _generic_sites(model, selection.kinds)
+    else:
+        sites = _family_sites(model, family, selection.kinds)
     out = []
     for site in sites:
         name = site.module_name or site.name

@@ -47,6 +47,7 @@ class CompareConfig:
     sites: SiteSelection = field(default_factory=SiteSelection)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     attention: bool = True  # also the `attention` pass: sink rate, null mass, massive activations
+    forecast_samples: int | None = None  # stanhop checkpoints: test windows (None: every one)
 
     def __post_init__(self) -> None:
         if len(self.entries) < 2:
@@ -121,9 +122,17 @@ def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> Compare
     """Measure every entry with identical data / seed / recipe; the CLI renders and writes the result."""
     preflight(cfg.entries)
     runs: list[ModelRun] = []
+    from outlier_probe.forecast.run import is_forecaster, run_forecast_quantize, run_forecast_stats
+
     for entry in cfg.entries:
-        loaded = load_model(entry.load)
         stats_cfg = StatsConfig(load=entry.load, data=cfg.data, sites=cfg.sites, observer=cfg.observer, plots=False)
+        if is_forecaster(entry.load.source):  # a stanhop forecaster: test windows of the --data CSV
+            qcfg = QuantizeConfig(load=entry.load, data=cfg.data, recipes=(cfg.recipe,), metric=cfg.metric)
+            stats = run_forecast_stats(stats_cfg, cfg.forecast_samples, _labelled(progress, f"{entry.name}: measuring"))
+            quant = run_forecast_quantize(qcfg, cfg.forecast_samples) if cfg.quantize else None
+            runs.append(ModelRun(entry, stats, quant))
+            continue
+        loaded = load_model(entry.load)
         stats = run_stats(stats_cfg, progress=_labelled(progress, f"{entry.name}: measuring"), loaded=loaded)
         quant = None
         if cfg.quantize:

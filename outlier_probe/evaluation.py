@@ -28,6 +28,7 @@ class MetricName(str, enum.Enum):
     mlm_perplexity = "mlm_perplexity"  # masked LM, over masked positions
     accuracy = "accuracy"  # image classification, top-1
     hidden_cosine = "hidden_cosine"  # encoder without a head: fidelity of the last hidden state vs float
+    forecast_mse = "forecast_mse"  # forecaster: MSE on the standardised test windows (MAE in extra)
 
     @property
     def higher_is_better(self) -> bool:
@@ -40,6 +41,8 @@ METRIC_NOTES = {
     MetricName.mlm_perplexity: "exp(mean NLL over masked positions); 15% of non-special tokens masked "
     "(80% [MASK], 10% random, 10% kept), fixed seed, identical masks for float and quantized",
     MetricName.accuracy: "top-1 accuracy",
+    MetricName.forecast_mse: "MSE (and MAE) over every test window, step and column of the standardised series "
+    "(scaler fitted on the training rows); lower is better",
     MetricName.hidden_cosine: "no head to score: mean cosine similarity of the last hidden state per token vs the "
     "float model (relative error reported too)",
 }

@@ -173,6 +173,11 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     """Load a checkpoint for measurement (eval mode, on cfg.device, in cfg.dtype), restoring its attention variant."""
     import transformers
 
+    from outlier_probe.forecast.run import is_forecaster, load_forecaster
+
+    if is_forecaster(cfg.source):  # a stanhop forecaster (not a transformers model)
+        return load_forecaster(cfg.source, cfg.device.resolve(), cfg.attention)
+
     from outlier_probe.attention import GATE  # gate tensors: absent from a fresh model, restored below
 
     kind, path = _classify_source(cfg.source)

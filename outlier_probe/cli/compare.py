@@ -45,7 +45,7 @@ def compare(
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",
-    samples: o.Samples = 32,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Sequences (images) to evaluate, default 32; stanhop checkpoints: test windows, default every one.")] = None,
     seq_len: o.SeqLen = 128,
     batch_size: o.BatchSize = 8,
     seed: o.Seed = 0,
@@ -76,7 +76,8 @@ def compare(
     (quant,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
     cfg = CompareConfig(
         entries=resolve_entries(checkpoints, base),
-        data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
+        data=o.data_config(data, dataset, include_files, 32 if samples is None else samples, seq_len, batch_size, seed),
+        forecast_samples=samples,
         recipe=quant,
         quantize=not no_quantize,
         metric=metric,

@@ -66,7 +66,7 @@ def quantize(
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",
-    samples: o.Samples = 32,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Sequences (images) to evaluate, default 32; stanhop checkpoints: test windows, default every one.")] = None,
     seq_len: o.SeqLen = 128,
     batch_size: o.BatchSize = 8,
     seed: o.Seed = 0,
@@ -88,17 +88,20 @@ def quantize(
     recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
     cfg = QuantizeConfig(
         load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
-        data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
+        data=o.data_config(data, dataset, include_files, 32 if samples is None else samples, seq_len, batch_size, seed),
         recipes=recipes,
         backends=tuple(dict.fromkeys(backend or ())),
         metric=metric,
         keep_float=parse_keep_float(keep_float),
     )
+    from outlier_probe.forecast.run import is_forecaster, run_forecast_quantize
+
     target = check_out_dir(o.default_out(checkpoint, out, "-quantize"))  # created only once results exist
     quiet = quiet or as_json
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "evaluating") as progress:
-        result = run_quantize(cfg, progress=lambda d, t, label: progress(d, t, f"evaluating {label}"))
+        step = lambda d, t, label: progress(d, t, f"evaluating {label}")  # noqa: E731
+        result = run_forecast_quantize(cfg, samples, step) if is_forecaster(checkpoint) else run_quantize(cfg, progress=step)
     with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
         written = write_quantize_report(result, target)
     if as_json:

@@ -24,8 +24,19 @@ def reproduce(
     variant: Annotated[Optional[list[AttentionVariant]], typer.Option("--variant", help="Variants to train (softmax is always the baseline); default: all four (gpu: softmax and softmax1).")] = None,
     time_scale: Annotated[float, typer.Option("--time-scale", help="Multiply every training budget.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    report_only: Annotated[bool, typer.Option("--report-only", help="stanhop presets: write the report from the runs already finished; train nothing.")] = False,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="stanhop-cpu (Table 1 of the OutEffHop paper on ETTh1: 6 variants x 3 seeds, < 1 h on 2 cores) or stanhop-paper (the paper's configuration, GPU scale); --data is the ETTh1 CSV.")] = None,
 ) -> None:
     """Train vanilla / softmax1 / clipped / gated twins per family, compare them, and write README.md with tables and plots."""
+    if preset is not None:
+        from outlier_probe.forecast.reproduce import ForecastReproduceConfig, run_forecast_reproduction
+
+        fcfg = ForecastReproduceConfig(preset=preset, data=data, out=out or Path(f"reports/reproduction-{preset}"),
+                                       device="cuda" if preset == "stanhop-paper" and _cuda() else "cpu", report_only=report_only)
+        console = Console(stderr=True)
+        run_forecast_reproduction(fcfg, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+        Console().print(f"report: {fcfg.out / 'README.md'}")
+        return
     from outlier_probe.reproduce import ReproduceConfig, run_reproduction
 
     variants = tuple(dict.fromkeys([AttentionVariant.softmax, *variant])) if variant else None  # None: the scale's default
@@ -34,3 +45,9 @@ def reproduce(
     console = Console(stderr=True)
     run_reproduction(cfg, log=lambda msg: console.print(f"[dim]{msg}[/]"))
     Console().print(f"report: {cfg.out / 'README.md'}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

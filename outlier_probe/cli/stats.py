@@ -22,7 +22,7 @@ def stats(
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",
-    samples: o.Samples = 32,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Sequences (images) to evaluate, default 32; stanhop checkpoints: test windows, default every one.")] = None,
     seq_len: o.SeqLen = 128,
     batch_size: o.BatchSize = 8,
     seed: o.Seed = 0,
@@ -47,18 +47,20 @@ def stats(
 
     cfg = StatsConfig(
         load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
-        data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
+        data=o.data_config(data, dataset, include_files, 32 if samples is None else samples, seq_len, batch_size, seed),
         sites=SiteSelection(kinds=parse_site_kinds(sites) if sites else DEFAULT_SITE_KINDS,
                             include=tuple(include or ()), exclude=tuple(exclude or ())),
         observer=ObserverConfig(top_k=top_k),
         out=o.default_out(checkpoint, out),
         plots=not no_plots,
     )
+    from outlier_probe.forecast.run import is_forecaster, run_forecast_stats
+
     check_out_dir(cfg.out)  # fail before the model loads; create nothing until results exist
     quiet = quiet or as_json
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "measuring") as progress:
-        result = run_stats(cfg, progress=progress)
+        result = run_forecast_stats(cfg, samples, progress) if is_forecaster(checkpoint) else run_stats(cfg, progress=progress)
     with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
         written = write_stats_report(result, cfg.out, plots_on=cfg.plots)
     if as_json:

@@ -178,6 +178,10 @@ def _stats_sites(model: nn.Module, qsites: list[QuantSite]) -> list[arch.Site]:
 def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> QuantizeResult:
     """The whole `quantize` job: float score, then for each recipe / backend a calibrated quantized score."""
     loaded = loaded or load_model(cfg.load)
+    if loaded.info.family is arch.Family.stanhop:
+        from outlier_probe.forecast.run import run_forecast_quantize
+
+        return run_forecast_quantize(cfg, None, progress)  # every test window of the --data CSV
     for recipe in cfg.recipes if cfg.keep_float else ():
         check_keep_float(loaded, recipe, cfg.keep_float)
     torch.manual_seed(cfg.data.seed)

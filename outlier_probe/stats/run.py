@@ -78,6 +78,10 @@ def measure_sites(loaded: LoadedModel, batches: Batches, cfg: StatsConfig, progr
 def run_stats(cfg: StatsConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> StatsResult:
     """The whole `stats` job; the CLI renders and writes what this returns."""
     loaded = loaded or load_model(cfg.load)
+    if loaded.info.family is arch.Family.stanhop:
+        from outlier_probe.forecast.run import run_forecast_stats
+
+        return run_forecast_stats(cfg, None, progress)  # every test window of the --data CSV
     torch.manual_seed(cfg.data.seed)
     batches = batches_for_model(loaded.processor, loaded.info, cfg.data, _image_size(loaded))
     results = measure_sites(loaded, batches, cfg, progress)
