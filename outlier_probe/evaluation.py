@@ -117,7 +117,7 @@ def causal_perplexity(model: nn.Module, batches: Sequence[Batch], progress: Prog
         count += int(keep.sum())
         if progress:
             progress(i + 1, len(batches))
-    return Score(MetricName.perplexity, _exp_mean(nll, count), {"tokens": float(count), "nll": float(nll) / max(count, 1)})
+    return Score(MetricName.perplexity, _exp_mean(nll, count), {"tokens": float(count), "nll": float(nll) / max(count, 1), "nll_sum": float(nll)})
 
 
 @torch.inference_mode()
@@ -133,7 +133,7 @@ def mlm_perplexity(model: nn.Module, masked_batches: Sequence[Batch], progress: 
         count += int(keep.sum())
         if progress:
             progress(i + 1, len(masked_batches))
-    return Score(MetricName.mlm_perplexity, _exp_mean(nll, count), {"masked_tokens": float(count)})
+    return Score(MetricName.mlm_perplexity, _exp_mean(nll, count), {"masked_tokens": float(count), "nll_sum": float(nll)})
 
 
 @torch.inference_mode()
@@ -147,7 +147,7 @@ def accuracy(model: nn.Module, batches: Sequence[Batch], progress: Progress | No
         total += len(batch["labels"])
         if progress:
             progress(i + 1, len(batches))
-    return Score(MetricName.accuracy, int(correct) / max(total, 1), {"images": float(total)})
+    return Score(MetricName.accuracy, int(correct) / max(total, 1), {"images": float(total), "correct": float(correct)})
 
 
 def _last_hidden(output: Any) -> torch.Tensor:
@@ -178,7 +178,33 @@ def hidden_fidelity(model: nn.Module, batches: Sequence[Batch], reference: Seque
         tokens += out.shape[0] * out.shape[1]
         if progress:
             progress(i + 1, len(batches))
-    return Score(MetricName.hidden_cosine, cos_sum / max(tokens, 1), {"relative_error": math.sqrt(err_num / max(err_den, 1e-30))})
+    return Score(MetricName.hidden_cosine, cos_sum / max(tokens, 1), {"relative_error": math.sqrt(err_num / max(err_den, 1e-30)),
+                 "cos_sum": cos_sum, "err_num": err_num, "err_den": err_den, "tokens": float(tokens)})
+
+
+def merge_score(score: Score) -> Score:
+    """The score of all ranks' batches in a data-parallel run, from the SUM of its raw sums (identity
+    in a single process). Each rank passes the score of its own shard."""
+    from outlier_probe import distributed
+
+    if not distributed.is_active():
+        return score
+    extra = dict(score.extra or {})
+    m = score.metric
+    keys = {MetricName.perplexity: ("nll_sum", "tokens"), MetricName.mlm_perplexity: ("nll_sum", "masked_tokens"),
+            MetricName.accuracy: ("correct", "images"), MetricName.hidden_cosine: ("cos_sum", "err_num", "err_den", "tokens")}[m]
+    extra.update(zip(keys, distributed.all_sum([extra[k] for k in keys])))
+    if m is MetricName.perplexity:
+        extra["nll"] = extra["nll_sum"] / max(extra["tokens"], 1)
+        value = _exp_mean(torch.tensor(extra["nll_sum"], dtype=torch.float64), int(extra["tokens"]))
+    elif m is MetricName.mlm_perplexity:
+        value = _exp_mean(torch.tensor(extra["nll_sum"], dtype=torch.float64), int(extra["masked_tokens"]))
+    elif m is MetricName.accuracy:
+        value = extra["correct"] / max(extra["images"], 1)
+    else:
+        value = extra["cos_sum"] / max(extra["tokens"], 1)
+        extra["relative_error"] = math.sqrt(extra["err_num"] / max(extra["err_den"], 1e-30))
+    return Score(m, value, extra)
 
 
 def _exp_mean(nll: torch.Tensor, count: int) -> float:
@@ -194,12 +220,18 @@ class Evaluator:
     def __init__(self, task: Task, batches: Sequence[Batch], tokenizer: Any = None, seed: int = 0,
                  metric: MetricName | None = None) -> None:
         self.metric = require_metric(task, metric)
-        self.batches = list(batches)
+        self.batches = batches if isinstance(batches, Sequence) else list(batches)  # lazy batches stay lazy
         if self.metric is MetricName.mlm_perplexity:
-            self.batches = mask_for_mlm(self.batches, tokenizer, seed)
+            self.batches = mask_for_mlm(self.batches, tokenizer, seed)  # all of them: the masks do not depend on ranks
+        from outlier_probe import distributed
+
+        self.batches = distributed.shard(self.batches)  # this rank's batches; merge_score sums the ranks
         self.reference: list[torch.Tensor] | None = None
 
     def __call__(self, model: nn.Module, progress: Progress | None = None) -> Score:
+        return merge_score(self._score(model, progress))
+
+    def _score(self, model: nn.Module, progress: Progress | None) -> Score:
         if self.metric is MetricName.perplexity:
             return causal_perplexity(model, self.batches, progress)
         if self.metric is MetricName.mlm_perplexity:

@@ -422,6 +422,7 @@ def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
     `find_reports` reads exactly this, so `gate --report out_dir` checks the same files. The model is
     loaded once for both.
     """
+    from outlier_probe import distributed
     from outlier_probe.loading import load_model
     from outlier_probe.report.io import ensure_writable_dir
     from outlier_probe.report.stats_report import write_stats_report
@@ -433,14 +434,18 @@ def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
     load = LoadConfig(source=checkpoint, trust_remote_code=settings.trust_remote_code, attention=settings.attention)
     loaded = load_model(load)
     result = run_stats(StatsConfig(load=load, data=settings.data, out=stats_dir, plots=False), loaded=loaded)
-    write_stats_report(result, stats_dir, plots_on=False)
+    main = distributed.is_main()  # under torchrun rank 0 alone writes; the others read its reports
+    if main:
+        write_stats_report(result, stats_dir, plots_on=False)
     if quant_dir is not None:
         from outlier_probe.quant.run import QuantizeConfig, run_quantize
         from outlier_probe.report.quant_report import write_quantize_report
 
         # the reference ("paper") W8A8 recipe; per-site SQNR statistics are not needed by the gate
         quantized = run_quantize(QuantizeConfig(load=load, data=settings.data, site_stats=False), loaded=loaded)
-        write_quantize_report(quantized, quant_dir)
+        if main:
+            write_quantize_report(quantized, quant_dir)
+    distributed.barrier()
     return out_dir
 
 

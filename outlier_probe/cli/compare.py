@@ -12,6 +12,7 @@ from rich.console import Console
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
+from outlier_probe.distributed import is_main
 from outlier_probe.config import Device, DType
 
 Checkpoints = Annotated[list[str], typer.Argument(
@@ -81,11 +82,13 @@ def compare(
         metric=metric,
     )
     target = check_out_dir(out or default_out([e.name for e in cfg.entries]))  # before any model loads
-    quiet = quiet or as_json
+    quiet = quiet or as_json or not is_main()
     console = Console(stderr=True)
     console.quiet = quiet or not console.is_terminal  # no bar (and no stray blank line) when stderr is not a terminal
     with batch_progress(console, "measuring") as progress:
         result = run_compare(cfg, progress=progress)
+    if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+        return
     written = write_compare_report(result, target, plots_on=not no_plots)
     if as_json:
         typer.echo(json.dumps(compare_document(result), indent=2, default=str))

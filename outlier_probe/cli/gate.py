@@ -81,8 +81,11 @@ def gate(
         else:
             result = gate_lib.check_reports(report, resolved)
             out_dir = out or result.reports.folders[0]
+        from outlier_probe.distributed import is_main
         from outlier_probe.report.io import ensure_writable_dir
 
+        if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+            raise typer.Exit(result.exit_code)
         gate_output.write_gate_json(result, ensure_writable_dir(out_dir) / "gate.json")
         if junit is not None:
             gate_output.write_junit(result, junit)

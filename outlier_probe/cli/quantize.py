@@ -11,6 +11,7 @@ from rich.console import Console
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
+from outlier_probe.distributed import is_main
 from outlier_probe.config import Device, DType
 from outlier_probe.errors import UsageError
 from outlier_probe.quant.quantizer import Estimator
@@ -92,10 +93,12 @@ def quantize(
         metric=metric,
     )
     target = check_out_dir(o.default_out(checkpoint, out, "-quantize"))  # created only once results exist
-    quiet = quiet or as_json
+    quiet = quiet or as_json or not is_main()
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "evaluating") as progress:
         result = run_quantize(cfg, progress=lambda d, t, label: progress(d, t, f"evaluating {label}"))
+    if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+        return
     written = write_quantize_report(result, target)
     if as_json:
         typer.echo(json.dumps(quantize_document(result), indent=2, default=str))

@@ -12,6 +12,7 @@ from outlier_probe.arch import parse_site_kinds
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
+from outlier_probe.distributed import is_main
 from outlier_probe.config import DEFAULT_SITE_KINDS, Device, DType, ObserverConfig, SiteSelection, StatsConfig
 
 
@@ -55,10 +56,12 @@ def stats(
         plots=not no_plots,
     )
     check_out_dir(cfg.out)  # fail before the model loads; create nothing until results exist
-    quiet = quiet or as_json
+    quiet = quiet or as_json or not is_main()
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "measuring") as progress:
         result = run_stats(cfg, progress=progress)
+    if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+        return
     written = write_stats_report(result, cfg.out, plots_on=cfg.plots)
     if as_json:
         typer.echo(json.dumps(summary_document(result), indent=2, default=str))

@@ -11,13 +11,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from outlier_probe import arch
+from outlier_probe import arch, distributed
 from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, SiteKind, StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError
 from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
 from outlier_probe.loading import LoadedModel, load_model
-from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, set_mode
+from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, iter_act_quantizers, set_mode
 from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quantize_model
 from outlier_probe.stats.run import forward, measure_sites, settings_of
 from outlier_probe.stats.summary import summarize
@@ -90,8 +90,13 @@ def calibrate(qmodel: nn.Module, batches: Batches) -> None:
     """Feed calibration batches through the quantizers in calibrating mode, then freeze every range."""
     set_mode(qmodel, ActMode.calibrating)
     device = next(qmodel.parameters()).device
-    for batch in batches.batches:
+    quantizers = [q for _name, q in iter_act_quantizers(qmodel)]
+    mine = distributed.shard(batches.batches)
+    marks = []  # estimator history lengths after each batch: the per-batch ranges to merge
+    for batch in mine:
         forward(qmodel, batch, device)
+        marks.append([len(q.estimator.history) for q in quantizers])
+    distributed.merge_calibration(quantizers, distributed.global_indices(mine), marks, len(batches.batches))
     freeze_all(qmodel)
 
 
@@ -122,6 +127,19 @@ class SQNRMeter:
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
+
+    def merge(self) -> None:
+        """Sum signal and noise power over the ranks of a data-parallel run (a no-op otherwise)."""
+        if not distributed.is_active():
+            return
+        names = [s.name for s in self.sites]
+        zero = torch.zeros((), dtype=torch.float64)
+        signal = distributed.all_sum([float(self.signal.get(n, zero)) for n in names])
+        noise = distributed.all_sum([float(self.noise.get(n, zero)) for n in names])
+        seen = distributed.all_sum([float(n in self.signal) for n in names])
+        for n, s, e, k in zip(names, signal, noise, seen):
+            if k:
+                self.signal[n], self.noise[n] = torch.tensor(s, dtype=torch.float64), torch.tensor(e, dtype=torch.float64)
 
     def sqnr_db(self, name: str) -> float:
         if name not in self.signal:
@@ -172,6 +190,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         calibrate(qmodel, calib)
         with SQNRMeter(qsites) as meter:
             q_score = evaluator(qmodel, step(recipe.name))
+        meter.merge()
         missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
         if cfg.site_stats and missing:
             found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)
