@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outlier_probe.arch import Task
+from outlier_probe.offload import execution_device
 from outlier_probe.errors import ProbeError, UsageError
 
 Batch = dict[str, torch.Tensor]
@@ -103,7 +104,7 @@ def _inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 @torch.inference_mode()
 def causal_perplexity(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> Score:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for i, batch in enumerate(batches):
@@ -122,7 +123,7 @@ def causal_perplexity(model: nn.Module, batches: Sequence[Batch], progress: Prog
 
 @torch.inference_mode()
 def mlm_perplexity(model: nn.Module, masked_batches: Sequence[Batch], progress: Progress | None = None) -> Score:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for i, batch in enumerate(masked_batches):
@@ -138,7 +139,7 @@ def mlm_perplexity(model: nn.Module, masked_batches: Sequence[Batch], progress: 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> Score:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     for i, batch in enumerate(batches):
@@ -160,7 +161,7 @@ def _last_hidden(output: Any) -> torch.Tensor:
 
 @torch.inference_mode()
 def hidden_states(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     return [_last_hidden(model(**_inputs(b, device))).float().cpu() for b in batches]
 
 
@@ -168,7 +169,7 @@ def hidden_states(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tens
 def hidden_fidelity(model: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor],
                     progress: Progress | None = None) -> Score:
     """Mean per-token cosine similarity and relative L2 error of the last hidden state vs `reference`."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     cos_sum, err_num, err_den, tokens = 0.0, 0.0, 0.0, 0
     for i, (batch, ref) in enumerate(zip(batches, reference)):
         out = _last_hidden(model(**_inputs(batch, device))).float().cpu()

@@ -51,6 +51,9 @@ def compare(
     seed: o.Seed = 0,
     dtype: o.Dtype = DType.float32,
     device: o.DeviceOpt = Device.cpu,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     trust_remote_code: o.TrustRemote = False,
     tokenizer: o.Tokenizer = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: reports/compare-<names>/).")] = None,
@@ -72,7 +75,7 @@ def compare(
     from outlier_probe.report.io import check_out_dir
     from outlier_probe.report.compare_report import compare_document, compare_table, write_compare_report
 
-    base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer)
+    base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer, device_map, max_memory, offload_folder)
     (quant,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
     cfg = CompareConfig(
         entries=resolve_entries(checkpoints, base),

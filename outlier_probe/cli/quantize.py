@@ -72,6 +72,9 @@ def quantize(
     seed: o.Seed = 0,
     dtype: o.Dtype = DType.float32,
     device: o.DeviceOpt = Device.cpu,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     trust_remote_code: o.TrustRemote = False,
     attention: o.Attention = None,
     tokenizer: o.Tokenizer = None,
@@ -86,7 +89,7 @@ def quantize(
 
     recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
     cfg = QuantizeConfig(
-        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
+        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer, device_map, max_memory, offload_folder),
         data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
         recipes=recipes,
         backends=tuple(dict.fromkeys(backend or ())),

@@ -33,6 +33,9 @@ def stats(
     top_k: Annotated[int, typer.Option("--top-k", help="Outlier channel ids kept per site.")] = 8,
     dtype: o.Dtype = DType.float32,
     device: o.DeviceOpt = Device.cpu,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     trust_remote_code: o.TrustRemote = False,
     attention: o.Attention = None,
     tokenizer: o.Tokenizer = None,
@@ -47,7 +50,7 @@ def stats(
     from outlier_probe.stats.run import run_stats
 
     cfg = StatsConfig(
-        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
+        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer, device_map, max_memory, offload_folder),
         data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
         sites=SiteSelection(kinds=parse_site_kinds(sites) if sites else DEFAULT_SITE_KINDS,
                             include=tuple(include or ()), exclude=tuple(exclude or ())),

@@ -14,6 +14,7 @@ from torch import nn
 from outlier_probe import arch, distributed
 from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, SiteKind, StatsConfig
 from outlier_probe.data import Batches, batches_for_model
+from outlier_probe.offload import execution_device
 from outlier_probe.errors import ProbeError
 from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
 from outlier_probe.loading import LoadedModel, load_model
@@ -89,7 +90,7 @@ def calibration_config(data: DataConfig, recipe: QuantConfig) -> DataConfig:
 def calibrate(qmodel: nn.Module, batches: Batches) -> None:
     """Feed calibration batches through the quantizers in calibrating mode, then freeze every range."""
     set_mode(qmodel, ActMode.calibrating)
-    device = next(qmodel.parameters()).device
+    device = execution_device(qmodel)
     quantizers = [q for _name, q in iter_act_quantizers(qmodel)]
     mine = distributed.shard(batches.batches)
     marks = []  # estimator history lengths after each batch: the per-batch ranges to merge
