@@ -10,6 +10,9 @@ and the median of the per-round ratios, so that load from elsewhere on the machi
 memory     peak RSS of `stats` with 1024 vs 64 sequences            target <= 1.05x
 quantize   W8A8 paper-recipe evaluation / float evaluation          target <= 1.5x
 attention  softmax1 / vanilla attention: forward time and training throughput   target >= 0.95x
+offload    OPT-1.3B-shaped stats: peak RSS whole vs --max-memory 3GiB, wall ratio, same CSV   target <= 4.5 GB
+gguf       quantize of a Llama GGUF, phase by phase / (load + 3 float evals)             target <= 1.5x
+(offload and gguf are not part of the default set: `python benchmarks/bench.py offload gguf`)
 """
 
 from __future__ import annotations
@@ -154,10 +157,23 @@ def bench_attention() -> None:
           f"(median of rounds {1 / s_median:.3f}x)  (target >= 0.95x)")
 
 
-BENCHES = {"hooks": bench_hooks, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention}
+def bench_offload() -> None:
+    from benchmarks.bench_scale import bench_offload as run
+
+    run()
+
+
+def bench_gguf() -> None:
+    from benchmarks.bench_scale import bench_gguf as run
+
+    run()
+
+
+BENCHES = {"hooks": bench_hooks, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention,
+           "offload": bench_offload, "gguf": bench_gguf}
 
 if __name__ == "__main__":
-    chosen = sys.argv[1:] or list(BENCHES)
+    chosen = sys.argv[1:] or ["hooks", "memory", "quantize", "attention"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in chosen:
         BENCHES[name]()

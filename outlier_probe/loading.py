@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlier_probe import arch
+from outlier_probe import arch, gguf_load
 from outlier_probe.config import AttentionVariant, LoadConfig
 from outlier_probe.errors import ProbeError, UsageError
 
@@ -176,6 +176,8 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": cfg.dtype.torch, "trust_remote_code": cfg.trust_remote_code}
     kwargs.update(_offload_kwargs(cfg))  # accelerate's device map / offload, when asked for
     transformers.logging.set_verbosity_error()  # load reports are ours to make, not warnings on stderr
+    if kind == "gguf":
+        gguf_load.cached()  # one parse of the file for config, weights and tokenizer
     transformers.utils.logging.disable_progress_bar()
     try:
         if kind == "gguf":
@@ -208,6 +210,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         model.to(device)
     model.eval()
     processor = _load_processor(folder, kind, path, cfg)
+    gguf_load.release()
     info = arch.model_info(model)
     return LoadedModel(model, processor, info, model_name(cfg.source), cfg.source, variant, params)
 

@@ -20,6 +20,8 @@ from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
 from outlier_probe.loading import LoadedModel, load_model
 from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, iter_act_quantizers, set_mode
 from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quantize_model
+from outlier_probe.stats.hooks import observe
+from outlier_probe.stats.observer import OutlierObserver
 from outlier_probe.stats.run import forward, measure_sites, settings_of
 from outlier_probe.stats.summary import summarize
 
@@ -117,9 +119,11 @@ class SQNRMeter:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(_m: ActQuantizer, args: tuple, out: torch.Tensor) -> None:
-            x = args[0].double()
-            s = x.pow(2).sum()
-            n = (x - out.double()).pow(2).sum()
+            # float32 elementwise, float64 accumulation: a float64 copy of every activation cost more than
+            # the quantized forward itself on a CPU
+            x = args[0].float()
+            s = x.square().sum(dtype=torch.float64)
+            n = (x - out.float()).square().sum(dtype=torch.float64)
             self.signal[name] = self.signal[name] + s if name in self.signal else s
             self.noise[name] = self.noise[name] + n if name in self.noise else n
 
@@ -178,16 +182,24 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
     def step(label: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda d, t: progress(d, t, label))
 
-    float_score = evaluator(loaded.model, step("float"))
+    # The first recipe's quantized copy is built before the float evaluation, so that the statistics of
+    # the float activations at its sites are measured during that evaluation (no second float pass).
+    first = quantize_model(loaded.model, cfg.recipes[0], loaded.attention, loaded.attention_params) if cfg.recipes else None
+    sites = _stats_sites(loaded.model, first[1]) if first is not None and cfg.site_stats else []
+    with observe(sites, lambda _s: OutlierObserver(ObserverConfig()), root=loaded.model) as observers:
+        float_score = evaluator(loaded.model, step("float"))
+    distributed.merge_observers(observers)
+    site_stats: dict[str, Any] = {s.name: observers[s.name].result() for s in sites}
+    site_stats = {k: v for k, v in site_stats.items() if v.count > 0}
     if not math.isfinite(float_score.value):
         raise ProbeError(f"the float model's {float_score.metric.value} is not finite; check the checkpoint")
     runs: list[RunResult] = []
     calib_desc: dict[str, Any] = {}
-    site_stats: dict[str, Any] = {}
-    for recipe in cfg.recipes:
+    for i, recipe in enumerate(cfg.recipes):
         calib = batches_for_model(loaded.processor, loaded.info, calibration_config(cfg.data, recipe), image_size)
         calib_desc = {**calib.describe(), "batches": len(calib.batches)}
-        qmodel, qsites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params)
+        qmodel, qsites = first if i == 0 and first is not None else quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params)
+        first = None  # the loop owns it now (freed with qmodel)
         calibrate(qmodel, calib)
         with SQNRMeter(qsites) as meter:
             q_score = evaluator(qmodel, step(recipe.name))
