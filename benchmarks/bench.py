@@ -158,13 +158,13 @@ def bench_attention() -> None:
 
 
 def bench_offload() -> None:
-    from benchmarks.bench_scale import bench_offload as run
+    from bench_scale import bench_offload as run  # benchmarks/ is on sys.path when run as a script
 
     run()
 
 
 def bench_gguf() -> None:
-    from benchmarks.bench_scale import bench_gguf as run
+    from bench_scale import bench_gguf as run
 
     run()
 

@@ -3,8 +3,8 @@
 offload   random OPT-1.3B-shaped checkpoint, `stats` alone vs `--device-map auto --max-memory 3GiB`:
           peak RSS (VmHWM) of each, wall-time ratio, same stats.csv to 1e-6   target peak <= 4.5 GB capped
 gguf      `quantize` of a random Llama-shaped GGUF (SmolLM-135M's shape, written with the `gguf` package)
-          broken down: load + dequantize, float eval, calibration, quantized eval, site statistics,
-          reports; whole command / (load + 3 float evaluations)                target <= 1.5x
+          broken down: load + dequantize, float eval (+ site observers), quantized copy, calibration,
+          quantized eval; whole command / (load + 3 float evaluations)         target <= 1.5x
 """
 
 from __future__ import annotations
@@ -181,17 +181,20 @@ def write_llama_gguf(path: Path, tokenizer, *, layers: int = 30, hidden: int = 5
     return params
 
 
-def _phases(gguf_path: Path, out: Path, samples: int = 8) -> dict[str, float]:
-    """quantize's phases, each timed, on the library calls the command makes."""
+def _phases(gguf_path: Path, samples: int = 8) -> dict[str, float]:
+    """quantize's phases, each timed, on the library calls run_quantize makes (plus 2 plain float evals
+    for the baseline): load, float eval with the site observers, quantized copy, calibration (backbone
+    only), quantized eval with the SQNR meter."""
     import math
 
-    from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, StatsConfig
+    from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig
     from outlier_probe.data import batches_for_model
     from outlier_probe.evaluation import Evaluator
     from outlier_probe.loading import load_model
     from outlier_probe.quant.recipes import QuantConfig, quantize_model
     from outlier_probe.quant.run import SQNRMeter, _stats_sites, calibrate, calibration_config
-    from outlier_probe.stats.run import measure_sites
+    from outlier_probe.stats.hooks import observe
+    from outlier_probe.stats.observer import OutlierObserver
 
     t: dict[str, float] = {}
     clock = time.perf_counter()
@@ -202,8 +205,7 @@ def _phases(gguf_path: Path, out: Path, samples: int = 8) -> dict[str, float]:
         t[name] = t.get(name, 0.0) + now - clock
         clock = now
 
-    load = LoadConfig(source=str(gguf_path))
-    loaded = load_model(load)
+    loaded = load_model(LoadConfig(source=str(gguf_path)))
     lap("load + dequantize")
     data = DataConfig(samples=samples, seq_len=128, batch_size=8)
     batches = batches_for_model(loaded.processor, loaded.info, data)
@@ -217,13 +219,16 @@ def _phases(gguf_path: Path, out: Path, samples: int = 8) -> dict[str, float]:
     calib = batches_for_model(loaded.processor, loaded.info, calibration_config(data, recipe))
     qmodel, qsites = quantize_model(loaded.model, recipe)
     lap("quantized copy")
+    sites = _stats_sites(loaded.model, qsites)
+    with observe(sites, lambda _s: OutlierObserver(ObserverConfig()), root=loaded.model) as observers:
+        evaluator(loaded.model)
+    [observers[s.name].result() for s in sites]
+    lap(f"float eval + {len(sites)} site observers")
     calibrate(qmodel, calib)
     lap(f"calibration ({len(calib.batches)} batches)")
     with SQNRMeter(qsites):
         evaluator(qmodel)
-    lap("quantized eval")
-    measure_sites(loaded, batches, StatsConfig(load=load, observer=ObserverConfig()), sites=_stats_sites(loaded.model, qsites))
-    lap("site statistics")
+    lap("quantized eval + SQNR")
     return t
 
 
@@ -232,7 +237,7 @@ def bench_gguf() -> None:
         path = Path(tmp) / "random-llama-135m.gguf"
         params = write_llama_gguf(path, _tokenizer())
         print(f"gguf      wrote {path.name}: {params / 1e6:.0f}M parameters, float32, {path.stat().st_size / 1e9:.2f} GB")
-        phases = _phases(path, Path(tmp) / "phases")
+        phases = _phases(path)
         for name, sec in phases.items():
             print(f"gguf        {name:28s} {sec:6.1f} s")
         base = phases["load + dequantize"] + sum(v for k, v in phases.items() if k.startswith("float eval"))

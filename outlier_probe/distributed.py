@@ -136,9 +136,7 @@ def session(command: str) -> Iterator[None]:
     try:
         yield
     except BaseException as err:
-        if type(err).__name__ == "Exit" and getattr(err, "exit_code", 1) == 0:  # typer.Exit(0): success
-            raise
-        if type(err).__name__ != "Exit":
+        if type(err).__name__ != "Exit":  # typer.Exit: every rank reaches the same exit (e.g. a gate's verdict)
             watchdog.failed_here.set()
             _publish_failure(store, dist.get_rank(), err, dist.get_world_size())
         raise
