@@ -12,6 +12,7 @@ from outlier_probe.config import StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.loading import LoadedModel, load_model
+from outlier_probe.stats.heap import release_free_memory
 from outlier_probe.stats.hooks import observe
 from outlier_probe.stats.observer import OutlierObserver, SiteStats
 from outlier_probe.stats.summary import summarize
@@ -60,6 +61,7 @@ def measure_sites(loaded: LoadedModel, batches: Batches, cfg: StatsConfig, progr
         for i, batch in enumerate(mine):
             observers.batch_size = len(next(iter(batch.values())))
             forward(loaded.model, batch, device)
+            release_free_memory()  # peak memory flat in the number of batches (stats/heap.py)
             if progress is not None:
                 progress(i + 1, total)
     distributed.merge_observers(observers)  # every rank now holds the statistics of all the data
