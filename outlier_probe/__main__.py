@@ -1,4 +1,4 @@
-"""`python -m outlier_probe ...`: the same CLI as the `outlier-probe` console script."""
+"""`python -m outlier_probe` (and `torchrun ... -m outlier_probe`): the outlier-probe command line."""
 
 from outlier_probe.cli.main import main
 

@@ -75,6 +75,9 @@ class LoadConfig:
     trust_remote_code: bool = False
     attention: AttentionVariant | None = None  # None: the variant recorded in the checkpoint (or softmax)
     tokenizer: str | None = None  # tokenizer folder when the checkpoint ships none
+    device_map: str | None = None  # accelerate placement: auto | cpu | cuda; None: whole model on `device`
+    max_memory: str | None = None  # per-device budget with device_map auto ("20GiB" or "cpu=8GiB,0=20GiB")
+    offload_folder: Path | None = None  # where weights beyond the budget go (default: a temporary folder)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import gzip
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -21,20 +21,56 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".t
 _CHARS_PER_TOKEN_BOUND = 12  # generous: read at most this many characters per needed token
 
 
+class PackedText(Sequence[dict[str, torch.Tensor]]):
+    """Text batches built on demand from the token ids of the corpus: nothing per batch is kept.
+
+    The corpus is held once as int32 (4 bytes a token, not a Python list of ints), with the ids of
+    the chosen rows; batch i is cut, wrapped in the special tokens and copied only when asked for, so
+    the memory of a run does not grow with the number of sequences beyond those indices.
+    """
+
+    def __init__(self, corpus: torch.Tensor, rows: torch.Tensor, body: int, prefix: list[int], suffix: list[int],
+                 batch_size: int) -> None:
+        self.corpus, self.rows, self.body, self.batch_size = corpus, rows, body, batch_size
+        self.prefix = torch.tensor(prefix, dtype=torch.long)
+        self.suffix = torch.tensor(suffix, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.rows.split(self.batch_size)]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        rows = self.rows[i * self.batch_size : (i + 1) * self.batch_size]
+        body = self.corpus.view(-1, self.body)[rows].long()  # (b, body)
+        b = len(rows)
+        ids = torch.cat([self.prefix.expand(b, -1), body, self.suffix.expand(b, -1)], dim=1)  # (b, seq_len)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 @dataclass
 class Batches:
-    """Evaluation / calibration batches and what they are."""
+    """Evaluation / calibration batches and what they are. `batches` is any sequence of batch dicts:
+    a list, or a PackedText that builds each batch when it is read."""
 
-    batches: list[dict[str, torch.Tensor]]
+    batches: Sequence[dict[str, torch.Tensor]]
     description: str
     composition: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_sequences(self) -> int:
+        if isinstance(self.batches, PackedText):
+            return len(self.batches.rows)
         return sum(len(next(iter(b.values()))) for b in self.batches)
 
     @property
     def num_tokens(self) -> int:
+        if isinstance(self.batches, PackedText):  # every position is a token (the mask is all ones)
+            return len(self.batches.rows) * (self.batches.body + len(self.batches.prefix) + len(self.batches.suffix))
         return sum(int(b["attention_mask"].sum()) for b in self.batches if "attention_mask" in b)
 
     def describe(self) -> dict[str, Any]:
@@ -158,25 +194,32 @@ def text_batches(tokenizer: Any, cfg: DataConfig, max_positions: int | None = No
         raise UsageError(f"--seq-len {cfg.seq_len} leaves no room next to the tokenizer's {extra} special tokens")
     needed = (cfg.samples + cfg.offset) * body
     text, desc, composition = read_text(cfg, max_chars=max(needed * _CHARS_PER_TOKEN_BOUND, 1_000_000))
-    ids = _tokenize(tokenizer, text)
-    available = len(ids) // body
+    corpus = _token_array(tokenizer, text)  # int32; the text itself is freed when this returns
+    del text
+    available = len(corpus) // body
     if available < cfg.samples + cfg.offset:
         raise ProbeError(
-            f"data has {len(ids):,} tokens: room for {available} sequences of {body} tokens, but "
+            f"data has {len(corpus):,} tokens: room for {available} sequences of {body} tokens, but "
             f"--samples {cfg.samples} (+ offset {cfg.offset}) were asked for; use fewer --samples or a shorter --seq-len"
         )
     order = torch.randperm(available, generator=torch.Generator().manual_seed(cfg.seed))
     chosen = order[cfg.offset : cfg.offset + cfg.samples].sort().values
-    ids_t = torch.tensor(ids[: available * body], dtype=torch.long).view(available, body)[chosen]
-    rows = [prefix + r.tolist() + suffix for r in ids_t]
-    input_ids = torch.tensor(rows, dtype=torch.long)  # (N, seq_len)
-    assert input_ids.shape == (cfg.samples, cfg.seq_len), input_ids.shape
-    batches = [
-        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
-        for chunk in input_ids.split(cfg.batch_size)
-    ]
-    composition = {**composition, "seq_len": cfg.seq_len, "seed": cfg.seed, "offset": cfg.offset, "corpus_tokens": len(ids)}
-    return Batches(batches, desc, composition)
+    packed = PackedText(corpus[: available * body], chosen, body, prefix, suffix, cfg.batch_size)
+    composition = {**composition, "seq_len": cfg.seq_len, "seed": cfg.seed, "offset": cfg.offset, "corpus_tokens": len(corpus)}
+    return Batches(packed, desc, composition)
+
+
+def _token_array(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of `text` (no special tokens) as one int32 tensor, converted block by block so that no
+    Python list of the whole corpus (~36 bytes a token) is ever held."""
+    blocks, parts = text.split("\n\n"), []
+    step = 200
+    for i in range(0, len(blocks), step):
+        piece = "\n\n".join(blocks[i : i + step])
+        if i + step < len(blocks):
+            piece += "\n\n"
+        parts.append(torch.tensor(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int32))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outlier_probe.arch import Task
+from outlier_probe.offload import execution_device
 from outlier_probe.errors import ProbeError, UsageError
 
 Batch = dict[str, torch.Tensor]
@@ -106,7 +107,7 @@ def _inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 @torch.inference_mode()
 def causal_perplexity(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> Score:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for i, batch in enumerate(batches):
@@ -120,12 +121,12 @@ def causal_perplexity(model: nn.Module, batches: Sequence[Batch], progress: Prog
         count += int(keep.sum())
         if progress:
             progress(i + 1, len(batches))
-    return Score(MetricName.perplexity, _exp_mean(nll, count), {"tokens": float(count), "nll": float(nll) / max(count, 1)})
+    return Score(MetricName.perplexity, _exp_mean(nll, count), {"tokens": float(count), "nll": float(nll) / max(count, 1), "nll_sum": float(nll)})
 
 
 @torch.inference_mode()
 def mlm_perplexity(model: nn.Module, masked_batches: Sequence[Batch], progress: Progress | None = None) -> Score:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for i, batch in enumerate(masked_batches):
@@ -136,12 +137,12 @@ def mlm_perplexity(model: nn.Module, masked_batches: Sequence[Batch], progress: 
         count += int(keep.sum())
         if progress:
             progress(i + 1, len(masked_batches))
-    return Score(MetricName.mlm_perplexity, _exp_mean(nll, count), {"masked_tokens": float(count)})
+    return Score(MetricName.mlm_perplexity, _exp_mean(nll, count), {"masked_tokens": float(count), "nll_sum": float(nll)})
 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> Score:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     for i, batch in enumerate(batches):
@@ -150,7 +151,7 @@ def accuracy(model: nn.Module, batches: Sequence[Batch], progress: Progress | No
         total += len(batch["labels"])
         if progress:
             progress(i + 1, len(batches))
-    return Score(MetricName.accuracy, int(correct) / max(total, 1), {"images": float(total)})
+    return Score(MetricName.accuracy, int(correct) / max(total, 1), {"images": float(total), "correct": float(correct)})
 
 
 def _last_hidden(output: Any) -> torch.Tensor:
@@ -163,7 +164,7 @@ def _last_hidden(output: Any) -> torch.Tensor:
 
 @torch.inference_mode()
 def hidden_states(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     return [_last_hidden(model(**_inputs(b, device))).float().cpu() for b in batches]
 
 
@@ -171,7 +172,7 @@ def hidden_states(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tens
 def hidden_fidelity(model: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor],
                     progress: Progress | None = None) -> Score:
     """Mean per-token cosine similarity and relative L2 error of the last hidden state vs `reference`."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     cos_sum, err_num, err_den, tokens = 0.0, 0.0, 0.0, 0
     for i, (batch, ref) in enumerate(zip(batches, reference)):
         out = _last_hidden(model(**_inputs(batch, device))).float().cpu()
@@ -181,7 +182,33 @@ def hidden_fidelity(model: nn.Module, batches: Sequence[Batch], reference: Seque
         tokens += out.shape[0] * out.shape[1]
         if progress:
             progress(i + 1, len(batches))
-    return Score(MetricName.hidden_cosine, cos_sum / max(tokens, 1), {"relative_error": math.sqrt(err_num / max(err_den, 1e-30))})
+    return Score(MetricName.hidden_cosine, cos_sum / max(tokens, 1), {"relative_error": math.sqrt(err_num / max(err_den, 1e-30)),
+                 "cos_sum": cos_sum, "err_num": err_num, "err_den": err_den, "tokens": float(tokens)})
+
+
+def merge_score(score: Score) -> Score:
+    """The score of all ranks' batches in a data-parallel run, from the SUM of its raw sums (identity
+    in a single process). Each rank passes the score of its own shard."""
+    from outlier_probe import distributed
+
+    if not distributed.is_active():
+        return score
+    extra = dict(score.extra or {})
+    m = score.metric
+    keys = {MetricName.perplexity: ("nll_sum", "tokens"), MetricName.mlm_perplexity: ("nll_sum", "masked_tokens"),
+            MetricName.accuracy: ("correct", "images"), MetricName.hidden_cosine: ("cos_sum", "err_num", "err_den", "tokens")}[m]
+    extra.update(zip(keys, distributed.all_sum([extra[k] for k in keys])))
+    if m is MetricName.perplexity:
+        extra["nll"] = extra["nll_sum"] / max(extra["tokens"], 1)
+        value = _exp_mean(torch.tensor(extra["nll_sum"], dtype=torch.float64), int(extra["tokens"]))
+    elif m is MetricName.mlm_perplexity:
+        value = _exp_mean(torch.tensor(extra["nll_sum"], dtype=torch.float64), int(extra["masked_tokens"]))
+    elif m is MetricName.accuracy:
+        value = extra["correct"] / max(extra["images"], 1)
+    else:
+        value = extra["cos_sum"] / max(extra["tokens"], 1)
+        extra["relative_error"] = math.sqrt(extra["err_num"] / max(extra["err_den"], 1e-30))
+    return Score(m, value, extra)
 
 
 def scored_logits(metric: MetricName, logits: torch.Tensor, batch: Batch) -> torch.Tensor | None:
@@ -213,9 +240,12 @@ class Evaluator:
     def __init__(self, task: Task, batches: Sequence[Batch], tokenizer: Any = None, seed: int = 0,
                  metric: MetricName | None = None) -> None:
         self.metric = require_metric(task, metric)
-        self.batches = list(batches)
+        self.batches = batches if isinstance(batches, Sequence) else list(batches)  # lazy batches stay lazy
         if self.metric is MetricName.mlm_perplexity:
-            self.batches = mask_for_mlm(self.batches, tokenizer, seed)
+            self.batches = mask_for_mlm(self.batches, tokenizer, seed)  # all of them: the masks do not depend on ranks
+        from outlier_probe import distributed
+
+        self.batches = distributed.shard(self.batches)  # this rank's batches; merge_score sums the ranks
         self.reference: list[torch.Tensor] | None = None
 
     def reference_score(self, model: nn.Module, progress: Progress | None = None) -> Score:
@@ -227,6 +257,9 @@ class Evaluator:
         return self(model, progress)
 
     def __call__(self, model: nn.Module, progress: Progress | None = None) -> Score:
+        return merge_score(self._score(model, progress))
+
+    def _score(self, model: nn.Module, progress: Progress | None) -> Score:
         if self.metric is MetricName.perplexity:
             return causal_perplexity(model, self.batches, progress)
         if self.metric is MetricName.mlm_perplexity:

@@ -326,6 +326,7 @@ def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
     `find_reports` reads exactly this, so `gate --report out_dir` checks the same files. The model is
     loaded once for both.
     """
+    from outlier_probe import distributed
     from outlier_probe.loading import load_model
     from outlier_probe.report.io import ensure_writable_dir
     from outlier_probe.report.stats_report import write_stats_report
@@ -337,19 +338,25 @@ def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
     load = LoadConfig(source=checkpoint, trust_remote_code=settings.trust_remote_code, attention=settings.attention)
     loaded = load_model(load)
     result = run_stats(StatsConfig(load=load, data=settings.data, out=stats_dir, plots=False), loaded=loaded)
-    write_stats_report(result, stats_dir, plots_on=False)
+    main = distributed.is_main()  # under torchrun rank 0 alone writes; the others read its reports
+    if main:
+        write_stats_report(result, stats_dir, plots_on=False)
     if quant_dir is not None:
         from outlier_probe.quant.run import QuantizeConfig, run_quantize
         from outlier_probe.report.quant_report import write_quantize_report
 
         # the reference ("paper") W8A8 recipe; per-site SQNR statistics are not needed by the gate
         quantized = run_quantize(QuantizeConfig(load=load, data=settings.data, site_stats=False), loaded=loaded)
-        write_quantize_report(quantized, quant_dir)
+        if main:
+            write_quantize_report(quantized, quant_dir)
     if settings.heads:
         from outlier_probe.diagnose.attention_run import AttentionConfig, run_attention
         from outlier_probe.report.attention_report import write_attention_report
 
-        write_attention_report(run_attention(AttentionConfig(load=load, data=settings.data), loaded=loaded), out_dir / "attention")
+        heads = run_attention(AttentionConfig(load=load, data=settings.data), loaded=loaded)
+        if main:
+            write_attention_report(heads, out_dir / "attention")
+    distributed.barrier()
     return out_dir
 
 

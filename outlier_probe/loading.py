@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlier_probe import arch, hub
+from outlier_probe import arch, gguf_load, hub
 from outlier_probe.gguf_files import no_gguf_progress_bar, require_gguf
 from outlier_probe.load_report import check_loading_report
 from outlier_probe.config import AttentionVariant, LoadConfig
@@ -38,7 +38,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        from outlier_probe.offload import execution_device
+
+        return execution_device(self.model)  # an offloaded model has weights on "meta" between forwards
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -55,6 +57,7 @@ class LoadedModel:
             "hidden_size": self.info.hidden_size,
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": str(self.device),
+            **_placement(self.model),
         }
 
 
@@ -185,7 +188,10 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": cfg.dtype.torch, "trust_remote_code": cfg.trust_remote_code,
                               # every tensor the checkpoint lacks or gets wrong is reported, then judged by check_loading_report
                               "output_loading_info": True, "ignore_mismatched_sizes": True}
+    kwargs.update(_offload_kwargs(cfg))  # accelerate's device map / offload, when asked for
     transformers.logging.set_verbosity_error()  # load reports are ours to make, not warnings on stderr
+    if kind == "gguf":
+        gguf_load.cached()  # one parse of the file for config, weights and tokenizer
     transformers.utils.logging.disable_progress_bar()
     hub.quiet()
     if kind == "hub":
@@ -222,11 +228,26 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
         params = set_attention(model, variant, params)
         if variant is AttentionVariant.gated and kind == "dir":
             _load_extra_tensors(model, Path(folder), marker=GATE)
-    model.to(device)
+    if "device_map" not in kwargs:
+        model.to(device)
     model.eval()
     processor = _load_processor(folder, kind, path, cfg)
+    gguf_load.release()
     info = arch.model_info(model)
     return LoadedModel(model, processor, info, model_name(cfg.source), cfg.source, variant, params)
+
+
+def _offload_kwargs(cfg: LoadConfig) -> dict[str, Any]:
+    from outlier_probe.offload import from_pretrained_kwargs
+
+    return from_pretrained_kwargs(getattr(cfg, "device_map", None), getattr(cfg, "max_memory", None), getattr(cfg, "offload_folder", None))
+
+
+def _placement(model: nn.Module) -> dict[str, Any]:
+    from outlier_probe.offload import placement
+
+    where = placement(model)
+    return {"device_map": where} if where else {}
 
 
 def set_attention(model: nn.Module, variant: AttentionVariant, params: dict[str, Any] | None = None) -> dict[str, Any]:

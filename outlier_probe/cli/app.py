@@ -44,8 +44,11 @@ def guarded(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        from outlier_probe.distributed import session
+
         try:
-            return fn(*args, **kwargs)
+            with session(fn.__name__):  # joins the torchrun process group when launched by torchrun
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from rich.console import Console
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
+from outlier_probe.distributed import is_main
 from outlier_probe.config import Device, DType
 
 Checkpoints = Annotated[list[str], typer.Argument(
@@ -51,6 +52,9 @@ def compare(
     seed: o.Seed = 0,
     dtype: o.Dtype = DType.float32,
     device: o.DeviceOpt = Device.cpu,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     trust_remote_code: o.TrustRemote = False,
     tokenizer: o.Tokenizer = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: reports/compare-<names>/).")] = None,
@@ -72,7 +76,7 @@ def compare(
     from outlier_probe.report.io import all_or_nothing, check_out_dir
     from outlier_probe.report.compare_report import compare_document, compare_table, write_compare_report
 
-    base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer)
+    base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer, device_map, max_memory, offload_folder)
     (quant,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
     cfg = CompareConfig(
         entries=resolve_entries(checkpoints, base),
@@ -84,11 +88,13 @@ def compare(
         attention=not no_attention,
     )
     target = check_out_dir(out or default_out([e.name for e in cfg.entries]))  # before any model loads
-    quiet = quiet or as_json
+    quiet = quiet or as_json or not is_main()
     console = Console(stderr=True)
     console.quiet = quiet or not console.is_terminal  # no bar (and no stray blank line) when stderr is not a terminal
     with batch_progress(console, "measuring") as progress:
         result = run_compare(cfg, progress=progress)
+    if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+        return
     with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
         written = write_compare_report(result, target, plots_on=not no_plots)
     if as_json:

@@ -91,6 +91,10 @@ def gate(
                 result = gate_lib.gate_checkpoint(checkpoint, settings, resolved, target)
             else:
                 result = gate_lib.check_reports(report, resolved)  # reads only
+            from outlier_probe.distributed import is_main
+
+            if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+                raise typer.Exit(result.exit_code)
             out_dir = check_out_dir(target or result.reports.folders[0])
             gate_output.write_gate_json(result, ensure_writable_dir(out_dir) / "gate.json")
             if junit is not None:

@@ -24,6 +24,9 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="cpu, cuda, or auto.
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the checkpoint's own Python code to run (off by default).")]
 Attention = Annotated[Optional[AttentionVariant], typer.Option("--attention", help="Override the attention variant (default: what the checkpoint records, else softmax).")]
 Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder or hub id when the checkpoint has none.")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="accelerate placement: auto (GPUs, then CPU, then disk, within --max-memory), cpu or cuda. Default: the whole model on --device.")]
+MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget per device with --device-map auto, e.g. 20GiB (each device) or cpu=8GiB,0=20GiB; weights beyond it are offloaded to disk.")]
+OffloadFolder = Annotated[Optional[Path], typer.Option("--offload-folder", help="Folder for offloaded weights (default: a temporary folder, removed at exit).")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: reports/<model-name>/).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on the terminal.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout (implies --quiet).")]
@@ -42,9 +45,14 @@ Metric = Annotated[Optional[MetricName], typer.Option("--metric", help="Metric t
 
 
 def load_config(checkpoint: str, dtype: DType, device: Device, trust_remote_code: bool,
-                attention: AttentionVariant | None, tokenizer: str | None) -> LoadConfig:
+                attention: AttentionVariant | None, tokenizer: str | None, device_map: str | None = None,
+                max_memory: str | None = None, offload_folder: Path | None = None) -> LoadConfig:
+    from outlier_probe.offload import from_pretrained_kwargs
+
+    from_pretrained_kwargs(device_map, max_memory, offload_folder)  # bad combinations fail before any work
     return LoadConfig(source=checkpoint, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                      attention=attention, tokenizer=tokenizer)
+                      attention=attention, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory,
+                      offload_folder=offload_folder)
 
 
 def data_config(data: Path | None, dataset: str | None, include: str, samples: int, seq_len: int,

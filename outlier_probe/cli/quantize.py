@@ -11,6 +11,7 @@ from rich.console import Console
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
+from outlier_probe.distributed import is_main
 from outlier_probe.config import Device, DType
 from outlier_probe.errors import UsageError
 from outlier_probe.quant.quantizer import Estimator
@@ -72,6 +73,9 @@ def quantize(
     seed: o.Seed = 0,
     dtype: o.Dtype = DType.float32,
     device: o.DeviceOpt = Device.cpu,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     trust_remote_code: o.TrustRemote = False,
     attention: o.Attention = None,
     tokenizer: o.Tokenizer = None,
@@ -87,7 +91,7 @@ def quantize(
 
     recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
     cfg = QuantizeConfig(
-        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
+        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer, device_map, max_memory, offload_folder),
         data=o.data_config(data, dataset, include_files, 32 if samples is None else samples, seq_len, batch_size, seed),
         recipes=recipes,
         backends=tuple(dict.fromkeys(backend or ())),
@@ -97,11 +101,13 @@ def quantize(
     from outlier_probe.forecast.run import is_forecaster, run_forecast_quantize
 
     target = check_out_dir(o.default_out(checkpoint, out, "-quantize"))  # created only once results exist
-    quiet = quiet or as_json
+    quiet = quiet or as_json or not is_main()
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "evaluating") as progress:
         step = lambda d, t, label: progress(d, t, f"evaluating {label}")  # noqa: E731
         result = run_forecast_quantize(cfg, samples, step) if is_forecaster(checkpoint) else run_quantize(cfg, progress=step)
+    if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+        return
     with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
         written = write_quantize_report(result, target)
     if as_json:

@@ -12,6 +12,7 @@ from outlier_probe.arch import parse_site_kinds
 from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
+from outlier_probe.distributed import is_main
 from outlier_probe.config import DEFAULT_SITE_KINDS, Device, DType, ObserverConfig, SiteSelection, StatsConfig
 
 
@@ -32,6 +33,9 @@ def stats(
     top_k: Annotated[int, typer.Option("--top-k", help="Outlier channel ids kept per site.")] = 8,
     dtype: o.Dtype = DType.float32,
     device: o.DeviceOpt = Device.cpu,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     trust_remote_code: o.TrustRemote = False,
     attention: o.Attention = None,
     tokenizer: o.Tokenizer = None,
@@ -46,7 +50,7 @@ def stats(
     from outlier_probe.stats.run import run_stats
 
     cfg = StatsConfig(
-        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
+        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer, device_map, max_memory, offload_folder),
         data=o.data_config(data, dataset, include_files, 32 if samples is None else samples, seq_len, batch_size, seed),
         sites=SiteSelection(kinds=parse_site_kinds(sites) if sites else DEFAULT_SITE_KINDS,
                             include=tuple(include or ()), exclude=tuple(exclude or ())),
@@ -57,10 +61,12 @@ def stats(
     from outlier_probe.forecast.run import is_forecaster, run_forecast_stats
 
     check_out_dir(cfg.out)  # fail before the model loads; create nothing until results exist
-    quiet = quiet or as_json
+    quiet = quiet or as_json or not is_main()
     console = Console(stderr=True, quiet=quiet)
     with batch_progress(console, "measuring") as progress:
         result = run_forecast_stats(cfg, samples, progress) if is_forecaster(checkpoint) else run_stats(cfg, progress=progress)
+    if not is_main():  # a data-parallel run: rank 0 alone writes and prints
+        return
     with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
         written = write_stats_report(result, cfg.out, plots_on=cfg.plots)
     if as_json:

@@ -65,6 +65,9 @@ class RangeEstimator(ABC):
         self._min: Tensor | None = None
         self._max: Tensor | None = None
         self.num_batches = 0
+        # (min, max) of each batch seen, in order: O(calibration batches), so that a data-parallel run
+        # can replay all ranks' batches in the global order (distributed.merge_calibration)
+        self.history: list[tuple[Tensor, Tensor]] = []
 
     @property
     def initialized(self) -> bool:
@@ -79,7 +82,11 @@ class RangeEstimator(ABC):
         """Fold one batch into the range. No host sync, input untouched."""
         if x.numel() == 0:
             return
-        lo, hi = self._batch_range(x)
+        self.fold(*self._batch_range(x))
+
+    def fold(self, lo: Tensor, hi: Tensor) -> None:
+        """Fold one batch's (min, max) into the range (replace, or EMA)."""
+        self.history.append((lo, hi))
         if self._min is None or self._max is None or self.momentum is None:
             self._min, self._max = lo, hi
         else:

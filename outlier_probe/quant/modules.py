@@ -136,6 +136,29 @@ def quantize_weight(
     return fake_quantize(w, scale, zero_point, spec), scale, zero_point
 
 
+@contextlib.contextmanager
+def _materialized(module: nn.Module) -> Iterator[None]:
+    """The module's own weights on its execution device while inside, when accelerate offloaded them
+    (they are "meta" between forwards); nothing to do for an ordinary module."""
+    if getattr(module, "_hf_hook", None) is None:
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield
+
+
+def _unhooked(module: nn.Module) -> nn.Module:
+    """A copy made from an offloaded module holds real weights: drop accelerate's hook, which would
+    reload the float weights over them at every forward."""
+    if getattr(module, "_hf_hook", None) is not None:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(module)
+    return module
+
+
 def _weight_repr(spec: QuantSpec | None, estimator: str) -> str:
     return "weight=float" if spec is None else f"{spec.label('w')} {estimator}"
 
@@ -214,27 +237,25 @@ class QuantLinear(nn.Module):
         """
         from transformers.pytorch_utils import Conv1D  # lazy: transformers is slow to import
 
-        if isinstance(module, Conv1D):
-            weight = module.weight.detach().t()  # Conv1D stores (in, out); y = x @ W + b
-        elif isinstance(module, nn.Linear):
-            weight = module.weight.detach()
-        else:
+        if not isinstance(module, (Conv1D, nn.Linear)):
             raise TypeError(f"QuantLinear wraps nn.Linear or transformers Conv1D, got {type(module).__name__}")
-        if w_spec is None:
-            return cls(weight.clone().contiguous(), module.bias, w_spec=None, w_estimator="", w_scale=None,
-                       w_zero_point=None, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
-        est = _as_estimator(w_estimator, w_spec)
-        wq, scale, zero_point = quantize_weight(weight, w_spec, est)
-        return cls(
-            wq.contiguous(),
-            module.bias,
-            w_spec=w_spec,
-            w_estimator=est.describe(),
-            w_scale=scale,
-            w_zero_point=zero_point,
-            input_quantizer=input_quantizer,
-            output_quantizer=output_quantizer,
-        )
+        with _materialized(module):  # an offloaded module: its weights, loaded for the copy
+            weight = module.weight.detach().t() if isinstance(module, Conv1D) else module.weight.detach()  # Conv1D: (in, out)
+            if w_spec is None:
+                return cls(weight.clone().contiguous(), module.bias, w_spec=None, w_estimator="", w_scale=None,
+                           w_zero_point=None, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
+            est = _as_estimator(w_estimator, w_spec)
+            wq, scale, zero_point = quantize_weight(weight, w_spec, est)
+            return cls(
+                wq.contiguous(),
+                module.bias,
+                w_spec=w_spec,
+                w_estimator=est.describe(),
+                w_scale=scale,
+                w_zero_point=zero_point,
+                input_quantizer=input_quantizer,
+                output_quantizer=output_quantizer,
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
@@ -287,16 +308,17 @@ class _WeightCopyWrapper(_Delegating):
             raise UsageError(
                 f"{type(module).__name__} has no `weight` to quantize; wrap it with OutputQuantized instead"
             )
-        weight = module.weight
-        if isinstance(weight, Tensor) and w_spec is not None:
-            est = _as_estimator(w_estimator, w_spec)
-            wq, scale, zero_point = quantize_weight(weight, w_spec, est)
-            inner = _copy_with_weight(module, wq)
-            return cls(inner, w_spec=w_spec, w_estimator=est.describe(), w_scale=scale,
-                       w_zero_point=zero_point, output_quantizer=output_quantizer)
-        # weight is None (e.g. LayerNorm(elementwise_affine=False)): nothing to quantize.
-        return cls(_copy_with_weight(module, None), w_spec=None, w_estimator="", w_scale=None,
-                   w_zero_point=None, output_quantizer=output_quantizer)
+        with _materialized(module):  # an offloaded module: its weights, loaded for the copy
+            weight = module.weight
+            if isinstance(weight, Tensor) and w_spec is not None:
+                est = _as_estimator(w_estimator, w_spec)
+                wq, scale, zero_point = quantize_weight(weight, w_spec, est)
+                inner = _unhooked(_copy_with_weight(module, wq))
+                return cls(inner, w_spec=w_spec, w_estimator=est.describe(), w_scale=scale,
+                           w_zero_point=zero_point, output_quantizer=output_quantizer)
+            # weight is None (e.g. LayerNorm(elementwise_affine=False)) or kept float: nothing to quantize.
+            return cls(_unhooked(_copy_with_weight(module, None)), w_spec=None, w_estimator="",
+                       w_scale=None, w_zero_point=None, output_quantizer=output_quantizer)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         y = self.module(*args, **kwargs)

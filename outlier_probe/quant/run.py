@@ -11,15 +11,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from outlier_probe import arch
+from outlier_probe import arch, distributed
 from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, SiteKind, StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
 from outlier_probe.loading import LoadedModel, load_model
-from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, set_mode
+from outlier_probe.offload import execution_device
 from outlier_probe.quant.keep import KeepFloat
+from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, iter_act_quantizers, set_mode
 from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quant_points, quantize_model
+from outlier_probe.stats.hooks import observe
+from outlier_probe.stats.observer import OutlierObserver
 from outlier_probe.stats.run import forward, measure_sites, settings_of
 from outlier_probe.stats.summary import summarize
 
@@ -91,9 +94,17 @@ def calibration_config(data: DataConfig, recipe: QuantConfig) -> DataConfig:
 def calibrate(qmodel: nn.Module, batches: Batches) -> None:
     """Feed calibration batches through the quantizers in calibrating mode, then freeze every range."""
     set_mode(qmodel, ActMode.calibrating)
-    device = next(qmodel.parameters()).device
-    for batch in batches.batches:
-        forward(qmodel, batch, device)
+    device = execution_device(qmodel)
+    quantizers = [q for _name, q in iter_act_quantizers(qmodel)]
+    mine = distributed.shard(batches.batches)
+    marks = []  # estimator history lengths after each batch: the per-batch ranges to merge
+    # The heads stay in float (no quantizer there), so the backbone alone gives every range: an LM head
+    # over a 50k vocabulary is a fifth of a small model's forward.
+    backbone = getattr(qmodel, "base_model", qmodel)
+    for batch in mine:
+        forward(backbone, batch, device)
+        marks.append([len(q.estimator.history) for q in quantizers])
+    distributed.merge_calibration(quantizers, distributed.global_indices(mine), marks, len(batches.batches))
     freeze_all(qmodel)
 
 
@@ -138,9 +149,11 @@ class SQNRMeter:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(_m: ActQuantizer, args: tuple, out: torch.Tensor) -> None:
-            x = args[0].double()
-            s = x.pow(2).sum()
-            n = (x - out.double()).pow(2).sum()
+            # One fused norm pass in float32 per tensor (decibels need ~5 digits), float64 across batches:
+            # float64 copies of every activation cost more than the quantized forward itself on a CPU.
+            x = args[0].float()
+            s = torch.linalg.vector_norm(x).double().square()
+            n = torch.linalg.vector_norm(x - out.float()).double().square()
             self.signal[name] = self.signal[name] + s if name in self.signal else s
             self.noise[name] = self.noise[name] + n if name in self.noise else n
 
@@ -149,6 +162,19 @@ class SQNRMeter:
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
+
+    def merge(self) -> None:
+        """Sum signal and noise power over the ranks of a data-parallel run (a no-op otherwise)."""
+        if not distributed.is_active():
+            return
+        names = [s.name for s in self.sites]
+        zero = torch.zeros((), dtype=torch.float64)
+        signal = distributed.all_sum([float(self.signal.get(n, zero)) for n in names])
+        noise = distributed.all_sum([float(self.noise.get(n, zero)) for n in names])
+        seen = distributed.all_sum([float(n in self.signal) for n in names])
+        for n, s, e, k in zip(names, signal, noise, seen):
+            if k:
+                self.signal[n], self.noise[n] = torch.tensor(s, dtype=torch.float64), torch.tensor(e, dtype=torch.float64)
 
     def sqnr_db(self, name: str) -> float:
         if name not in self.signal:
@@ -192,18 +218,31 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
     def step(label: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda d, t: progress(d, t, label))
 
-    float_score = evaluator(loaded.model, step("float"))
+    # The first recipe's quantized copy is built before the float evaluation, so that the statistics of
+    # the float activations at its sites are measured during that evaluation (no second float pass).
+    first = (quantize_model(loaded.model, cfg.recipes[0], loaded.attention, loaded.attention_params, cfg.keep_float)
+             if cfg.recipes else None)
+    sites = _stats_sites(loaded.model, first[1]) if first is not None and cfg.site_stats else []
+    with observe(sites, lambda _s: OutlierObserver(ObserverConfig()), root=loaded.model) as observers:
+        float_score = evaluator(loaded.model, step("float"))
+    distributed.merge_observers(observers)
+    site_stats: dict[str, Any] = {s.name: observers[s.name].result() for s in sites}
+    site_stats = {k: v for k, v in site_stats.items() if v.count > 0}
     if not math.isfinite(float_score.value):
         raise ProbeError(f"the float model's {float_score.metric.value} is not finite; check the checkpoint")
     runs: list[RunResult] = []
     calib_desc: dict[str, Any] = {}
-    site_stats: dict[str, Any] = {}
-    for recipe in cfg.recipes:
+    for i, recipe in enumerate(cfg.recipes):
         calib = batches_for_model(loaded.processor, loaded.info, calibration_config(cfg.data, recipe), image_size)
         calib_desc = {**calib.describe(), "batches": len(calib.batches)}
-        qmodel, qsites = build_calibrated(loaded, recipe, calib, cfg.keep_float)
+        qmodel, qsites = first if i == 0 and first is not None else quantize_model(
+            loaded.model, recipe, loaded.attention, loaded.attention_params, cfg.keep_float)
+        first = None  # the loop owns it now (freed with qmodel)
+        if qsites:  # as build_calibrated does: `--keep-float PLAN` is the very computation of the plan's step
+            calibrate(qmodel, calib)
         with SQNRMeter(qsites) as meter:
             q_score = evaluator(qmodel, step(recipe.name))
+        meter.merge()
         missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
         if cfg.site_stats and missing:
             found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)

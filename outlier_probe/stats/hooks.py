@@ -43,10 +43,11 @@ class Hooked(dict):
 
 
 @contextmanager
-def observe(sites: list[Site], make_observer: Callable[[Site], Observer]) -> Iterator[Hooked]:
+def observe(sites: list[Site], make_observer: Callable[[Site], Observer], root: torch.nn.Module | None = None) -> Iterator[Hooked]:
     """Hook every site; yields {site.name: observer}. Hooks are removed on exit, also after an exception.
 
-    Set `.batch_size` on the yielded object before each forward when blocks may flatten their inputs.
+    Set `.batch_size` on the yielded object before each forward when blocks may flatten their inputs,
+    or pass the model as `root`: a pre-hook on it then reads the batch size from each forward's input.
     A site whose `same_as` site is hooked too shares that site's observer (the tensor is measured
     once): its hook only checks, on every forward, that it is handed the very tensor object the other
     site saw. If that fails on the first forward the site gets an observer of its own (nothing was
@@ -76,6 +77,14 @@ def observe(sites: list[Site], make_observer: Callable[[Site], Observer]) -> Ite
         state["alias"] = False
         feed(site, x)
 
+    if root is not None and sites:  # the batch size of each forward, read from the model's own inputs
+
+        def set_batch_size(_module: Any, args: Any, kwargs: Any) -> None:
+            x = _first_tensor(args) if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if x is not None:
+                observers.batch_size = x.shape[0]
+
+        handles.append(root.register_forward_pre_hook(set_batch_size, with_kwargs=True))
     try:
         for site in sites:
             aliased = site.capture == "output" and site.same_as in observers  # its target comes first

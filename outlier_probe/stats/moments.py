@@ -110,6 +110,10 @@ class StreamingMoments:
             return {}
         return dict(zip(("count", "mean", "m2", "m3", "m4"), self._state))
 
+    def set_state(self, state: Moments | None) -> None:
+        """Replace the state (e.g. by the merge of every process's state; None: empty)."""
+        self._state = None if state is None else tuple(t.clone() for t in state)  # type: ignore[assignment]
+
     def update(self, x: Tensor) -> None:
         """Add every element of x (any shape and float dtype); x is not modified."""
         if x.numel() == 0:

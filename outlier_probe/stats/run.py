@@ -7,11 +7,12 @@ from typing import Any, Callable
 
 import torch
 
-from outlier_probe import arch
+from outlier_probe import arch, distributed
 from outlier_probe.config import StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.loading import LoadedModel, load_model
+from outlier_probe.stats.heap import release_free_memory
 from outlier_probe.stats.hooks import observe
 from outlier_probe.stats.observer import OutlierObserver, SiteStats
 from outlier_probe.stats.summary import summarize
@@ -54,13 +55,16 @@ def measure_sites(loaded: LoadedModel, batches: Batches, cfg: StatsConfig, progr
         kinds = ", ".join(k.value for k in cfg.sites.kinds)
         raise UsageError(f"no {loaded.info.family.value} sites match --sites {kinds} with the include/exclude patterns given")
     device = loaded.device
-    total = len(batches.batches)
+    mine = distributed.shard(batches.batches)  # all of them outside a data-parallel run
+    total = len(mine)
     with torch.inference_mode(), observe(sites, lambda _s: OutlierObserver(cfg.observer)) as observers:
-        for i, batch in enumerate(batches.batches):
+        for i, batch in enumerate(mine):
             observers.batch_size = len(next(iter(batch.values())))
             forward(loaded.model, batch, device)
+            release_free_memory()  # peak memory flat in the number of batches (stats/heap.py)
             if progress is not None:
                 progress(i + 1, total)
+    distributed.merge_observers(observers)  # every rank now holds the statistics of all the data
     results = [SiteResult(site, observers[site.name].result()) for site in sites]
     seen = [r for r in results if r.stats.count > 0]
     if not seen:

@@ -1,0 +1,288 @@
+"""Data-parallel runs under torchrun: which rank this is, its shard of the batches, and the
+collectives that merge observer states, calibration ranges and evaluation sums.
+
+    torchrun --nproc-per-node 4 -m outlier_probe stats CKPT --samples 1024
+
+Every rank loads the model and builds the same batches; rank r runs batches r, r + N, r + 2N, ...
+(whole batches, so each forward is the very forward a single process runs), then the states are
+merged so that every rank holds the statistics of all the data and rank 0 alone writes the reports:
+
+- observers: SUM of the counters and histogram counts (int64) and of the per-sequence sums (float64),
+  MAX of the extremes (max |x| and the per-channel absmax, from which the top-k channels are then
+  re-selected: exactly the single-process top-k), and all_gather of the float64 central moments
+  (count, mean, M2, M3, M4), combined in rank order with the same pairwise update as batches
+  (adding raw power sums would lose precision when |mean| >> std).
+- calibration ranges: every estimator keeps the (min, max) of each batch it saw; these are
+  all_gathered and replayed in the global batch order, so min-max, running min-max (EMA, momentum
+  0.9), percentile and MSE ranges are bit-identical to a single-process calibration (an EMA depends
+  on the order of the batches, so neither a SUM nor a MIN/MAX of the ranks' ranges would do).
+- evaluation: SUM of NLL and token counts (correct predictions, cosine / error sums); the score is
+  recomputed from the sums. The SQNR meter sums signal and noise power the same way.
+
+gloo carries CPU tensors and nccl CUDA ones. A rank that fails (error, Ctrl-C) posts its message in
+the process group's store; a watchdog thread on every other rank prints it as one line and exits
+non-zero, so no rank waits in a collective that will never complete and no report is written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterator, Sequence, TypeVar
+
+import torch
+
+from outlier_probe.errors import UsageError
+
+T = TypeVar("T")
+COMMANDS = ("stats", "quantize", "compare", "gate")  # the commands that shard their data
+_FAILED, _NFAILED, _ACKS = "outlier_probe/failed", "outlier_probe/nfailed", "outlier_probe/acks"
+_TIMEOUT_MIN = float(os.environ.get("OUTLIER_PROBE_DIST_TIMEOUT_MIN", "30"))  # a rank stuck this long fails the run
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_active() -> bool:
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single-process run): the one rank that writes reports and prints."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True when started by torchrun (or any launcher setting WORLD_SIZE) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+# ----------------------------------------------------------------------------------------- session
+
+
+class _Watchdog(threading.Thread):
+    """Polls the store for another rank's failure; prints it and ends this process (it may be blocked
+    in a collective that cannot complete)."""
+
+    def __init__(self, store: Any, me: int) -> None:
+        super().__init__(daemon=True, name="outlier-probe-watchdog")
+        self.store, self.me = store, me
+        self.stop = threading.Event()
+        self.failed_here = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            try:
+                if not self.store.check([_FAILED]):
+                    continue
+                message = self.store.get(_FAILED).decode()
+            except Exception:  # noqa: BLE001 - the store went away: the run is ending anyway
+                return
+            if self.failed_here.is_set() or self.stop.is_set():
+                return
+            print(f"outlier-probe: error: {message}; rank {self.me} stopped, no report written", file=sys.stderr, flush=True)
+            try:
+                self.store.add(_ACKS, 1)
+            finally:
+                os._exit(1)
+
+
+def _publish_failure(store: Any, me: int, err: BaseException, size: int) -> None:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyboardInterrupt):
+        text = "interrupted"
+    try:
+        if store.add(_NFAILED, 1) == 1:
+            store.set(_FAILED, f"rank {me} failed: {text[:300]}")
+        deadline = time.monotonic() + 10.0  # let the other ranks print their line before torchrun stops them
+        while time.monotonic() < deadline:
+            if store.add(_ACKS, 0) + store.add(_NFAILED, 0) - 1 >= size - 1:
+                break
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - best effort: the other ranks also time out in their collective
+        pass
+
+
+@contextmanager
+def session(command: str) -> Iterator[None]:
+    """Join the torchrun process group for one command (a no-op outside torchrun), and leave it."""
+    if not launched():
+        yield
+        return
+    if command not in COMMANDS:
+        raise UsageError(f"`{command}` does not run under torchrun; data-parallel runs: {', '.join(COMMANDS)}")
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=_TIMEOUT_MIN))
+    store = dist.distributed_c10d._get_default_store()
+    watchdog = _Watchdog(store, dist.get_rank())
+    watchdog.start()
+    try:
+        yield
+    except BaseException as err:
+        if type(err).__name__ != "Exit":  # typer.Exit: every rank reaches the same exit (e.g. a gate's verdict)
+            watchdog.failed_here.set()
+            _publish_failure(store, dist.get_rank(), err, dist.get_world_size())
+        raise
+    finally:
+        watchdog.stop.set()
+        if not watchdog.failed_here.is_set():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+class Shard(Sequence[T]):
+    """Items rank, rank + world, ... of a sequence (lazy: the items are read when asked for)."""
+
+    def __init__(self, items: Sequence[T], rank: int, world: int) -> None:
+        self.items, self.indices = items, range(rank, len(items), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> T:  # type: ignore[override]
+        return self.items[self.indices[i]]
+
+
+def shard(items: Sequence[T]) -> Sequence[T]:
+    """This rank's batches; the sequence itself outside a data-parallel run."""
+    size = world_size()
+    if os.environ.get("OUTLIER_PROBE_FAIL_RANK") == str(rank()) and size > 1:  # fault injection for the tests
+        from outlier_probe.errors import ProbeError
+
+        raise ProbeError(f"injected failure on rank {rank()} (OUTLIER_PROBE_FAIL_RANK)")
+    if size == 1:
+        return items
+    if len(items) < size:
+        raise UsageError(f"{len(items)} batches cannot be shared by {size} processes; use more --samples "
+                         f"or a smaller --batch-size (every process needs at least one batch)")
+    return Shard(items, rank(), size)
+
+
+def global_indices(items: Sequence[Any]) -> range:
+    return items.indices if isinstance(items, Shard) else range(len(items))
+
+
+# ------------------------------------------------------------------------------------- collectives
+
+
+def _reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a data-parallel run)."""
+    if is_active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise float64 SUM of host numbers over ranks (identity outside a data-parallel run)."""
+    if not is_active():
+        return list(values)
+    return _reduce(torch.tensor(list(values), dtype=torch.float64), "SUM").tolist()
+
+
+def merge_observers(observers: dict[str, Any]) -> None:
+    """Merge every rank's OutlierObserver states in place: afterwards each rank holds the statistics
+    of all ranks' data. `observers`: {site name: observer}, the same names in the same order on every
+    rank (observers shared by several sites are merged once)."""
+    if not is_active():
+        return
+    from outlier_probe.stats.moments import combine_moments
+
+    unique = list({id(o): o for o in observers.values()}.values())
+    channels = torch.tensor([o._channels or 0 for o in unique], dtype=torch.int64)
+    _reduce(channels, "MAX")  # a site no batch of this rank reached still gets its state
+    for obs, c in zip(unique, channels.tolist()):
+        obs._flush()
+        if obs._channels is None and c:
+            obs._init_state(c, obs.hist_edges.device)
+    live = [o for o in unique if o._channels is not None]
+    if not live:
+        return
+    device = live[0].hist_edges.device
+    sum_f = ("paper_kurtosis_sum", "paper_inf_norm_sum")
+    sum_i = ("n_gt_threshold", "n_gt_ksigma", "n_nonfinite", "hist_counts")
+    maxes = ("max_abs", "channel_absmax")
+    for names, dtype, op in ((sum_f, torch.float64, "SUM"), (sum_i, torch.int64, "SUM"), (maxes, torch.float64, "MAX")):
+        parts = [o._s[n].reshape(-1) for o in live for n in names]
+        flat = _reduce(torch.cat(parts).to(device, dtype), op)
+        for part, piece in zip(parts, flat.split([p.numel() for p in parts])):
+            part.copy_(piece)  # the observers' own tensors (views of the state): updated in place
+    seqs = _reduce(torch.tensor([o.n_sequences for o in live], dtype=torch.int64), "SUM").tolist()
+    # central moments: gather (count, mean, M2, M3, M4) of every rank, combine in rank order
+    mine = torch.stack([_moments_row(o, device) for o in live])  # (S, 5)
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(gathered, mine)
+    for i, (obs, n) in enumerate(zip(live, seqs)):
+        obs.n_sequences = int(n)
+        acc = None
+        for rows in gathered:
+            block = tuple(rows[i].unbind())
+            if float(block[0]) == 0:
+                continue
+            acc = block if acc is None else combine_moments(acc, block)
+        obs.moments.set_state(acc)
+
+
+def _moments_row(obs: Any, device: torch.device) -> torch.Tensor:
+    state = obs.moments.state_dict()
+    if not state:
+        return torch.zeros(5, dtype=torch.float64, device=device)
+    return torch.stack([state[k].to(device, torch.float64) for k in ("count", "mean", "m2", "m3", "m4")])
+
+
+def merge_calibration(quantizers: Sequence[Any], indices: Sequence[int], marks: Sequence[Sequence[int]], total: int) -> None:
+    """Replay every activation estimator on all ranks' per-batch ranges, in the global batch order.
+
+    `quantizers`: the ActQuantizers, in the same (module) order on every rank; `indices`: the global
+    numbers of the calibration batches this rank ran, in that order; `marks[j][k]`: the length of
+    quantizer k's estimator history after local batch j; `total`: calibration batches of the run.
+    """
+    if not is_active():
+        return
+    import torch.distributed as dist
+
+    local: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+    for j, g in enumerate(indices):
+        local[g] = []
+        for k, q in enumerate(quantizers):
+            start = marks[j - 1][k] if j else 0
+            local[g].append([(lo.cpu(), hi.cpu()) for lo, hi in q.estimator.history[start : marks[j][k]]])
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, local)
+    by_batch = {g: v for part in gathered for g, v in part.items()}
+    if sorted(by_batch) != list(range(total)):
+        raise RuntimeError(f"calibration merge got batches {sorted(by_batch)[:8]}..., expected 0..{total - 1}")
+    for k, q in enumerate(quantizers):
+        device = q.scale.device
+        q.estimator.reset()
+        for g in range(total):
+            for lo, hi in by_batch[g][k]:
+                q.estimator.fold(lo.to(device), hi.to(device))
