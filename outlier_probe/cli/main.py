@@ -9,7 +9,7 @@ import typer
 
 from outlier_probe.cli.app import app
 
-for _name in ("stats", "quantize", "sensitivity", "attention", "compare", "gate", "train", "reproduce"):
+for _name in ("stats", "quantize", "sensitivity", "attention", "compare", "gate", "train", "reproduce", "retrofit"):
     try:
         importlib.import_module(f"outlier_probe.cli.{_name}")
     except ModuleNotFoundError as err:  # a command not written yet
