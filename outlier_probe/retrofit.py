@@ -289,6 +289,8 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
         raise UsageError(f"retrofit needs a known family to swap attention in; {info.model_type!r} is not one")
     if original.attention is not AttentionVariant.softmax:
         raise UsageError(f"{cfg.source} already uses {original.attention.value} attention; retrofit starts from a vanilla checkpoint")
+    if info.max_positions is not None and cfg.seq_len > info.max_positions:
+        raise UsageError(f"--seq-len {cfg.seq_len} is longer than the model's {info.max_positions} positions")
     for variant in cfg.variants:  # a variant the family cannot host: fail before any work
         make_twin(original, variant, cfg.params(variant))
     original.model.eval()
