@@ -91,6 +91,7 @@ class RetrofitConfig:
             raise UsageError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         try:
             set_(self, "objective", Objective(self.objective))
+            set_(self, "device", Device(self.device))
             set_(self, "variants", tuple(dict.fromkeys(AttentionVariant(v) for v in self.variants)))
         except ValueError as err:
             raise UsageError(f"{err}; --attention takes softmax1, clipped, gated and --objective auto, lm, mlm, distill") from None
