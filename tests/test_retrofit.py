@@ -112,3 +112,12 @@ def test_data_too_short(tiny_checkpoint: Callable[..., Path], tmp_path: Path) ->
     short.write_text("a few words only. " * 20)
     with pytest.raises(UsageError, match="fewer than one batch"):
         run_retrofit(tiny_cfg(tiny_checkpoint("gpt2"), short, variants=("gated",)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gguf"])
+def test_llama_family_and_gguf_start(tiny_checkpoint: Callable[..., Path], tiny_gguf: tuple[Path, Any], text_file: Path,
+                                     family: str) -> None:
+    source = tiny_gguf[0] if family == "gguf" else tiny_checkpoint("llama")
+    result = run_retrofit(tiny_cfg(source, text_file, variants=("softmax1", "gated"), steps=1))
+    assert result.objective is Objective.lm and [t.variant.value for t in result.twins] == ["softmax", "softmax1", "gated"]
+    assert all(math.isfinite(t.after.w8a8_loss) and t.after.metric == "perplexity" for t in result.twins)

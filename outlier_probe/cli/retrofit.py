@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -81,7 +80,7 @@ def retrofit_command(
 
     result = run_retrofit(cfg, log=console.print, done=done, on_twin=save_part)
     ensure_writable_dir(target)
-    command = "outlier-probe retrofit " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "retrofit")
+    command = _command(cfg, preset)
     written = write(result, target, command)
     for f in parts.glob("*.json") if parts.is_dir() else ():
         f.unlink()
@@ -90,6 +89,18 @@ def retrofit_command(
     if not quiet:
         Console().print(_table(result))
         Console().print(f"reports: {', '.join(str(p) for p in written)}")
+
+
+def _command(cfg: object, preset: str) -> str:
+    """The resolved settings as one command line that reruns the same experiment."""
+    parts = ["outlier-probe", "retrofit", cfg.source, "--attention", ",".join(v.value for v in cfg.variants)]
+    if cfg.data is not None:
+        parts += ["--data", str(cfg.data), "--include-files", cfg.include]
+    parts += ["--objective", cfg.objective.value, "--preset", preset, "--seeds", ",".join(map(str, cfg.seeds))]
+    for name in ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_samples", "gamma", "gate_init", "tokenizer", "threads"):
+        if getattr(cfg, name) is not None:
+            parts += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    return " ".join(shlex.quote(p) for p in parts + ["--device", cfg.device.value] + (["--out", str(cfg.out)] if cfg.out else []))
 
 
 def _table(result: object) -> Table:
