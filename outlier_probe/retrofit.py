@@ -14,7 +14,6 @@ original (for encoders without a head, such as MiniLM).
 from __future__ import annotations
 
 import copy
-import enum
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from outlier_probe import arch
@@ -30,19 +28,13 @@ from outlier_probe.config import AttentionVariant, DataConfig, Device, LoadConfi
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.loading import LoadedModel
 from outlier_probe.retrofit_measure import Measurement, measure, probe
+from outlier_probe.retrofit_objective import Objective, held_out_metric, objective_loss, resolve_objective, teacher_targets  # noqa: F401 - re-exported
 from outlier_probe.train import Schedule, TrainConfig, lr_factor
 
 # Near-vanilla starts (see README "retrofit"): softmax1 has no new parameter (its extra "+1" only matters where
 # every logit is small); clipping is 1/25 of Bondarenko et al.'s BERT gamma; gates start nearly open.
 RETROFIT_GAMMA = -0.001
 RETROFIT_GATE_INIT = 0.95
-
-
-class Objective(str, enum.Enum):
-    auto = "auto"  # the checkpoint's own head: causal LM or masked LM; distill for an encoder without a head
-    lm = "lm"  # causal next-token loss (needs an LM head)
-    mlm = "mlm"  # masked-LM loss (needs an MLM head)
-    distill = "distill"  # match the frozen original's last hidden states and mean-pooled embedding
 
 
 @dataclass(frozen=True)
@@ -149,47 +141,6 @@ class RetrofitResult:
 
 
 Log = Callable[[str], None]
-
-
-def resolve_objective(task: arch.Task, wanted: Objective) -> Objective:
-    have = {arch.Task.causal_lm: Objective.lm, arch.Task.masked_lm: Objective.mlm}.get(task)
-    if wanted is Objective.auto:
-        if task is arch.Task.image_classification:
-            raise UsageError("retrofit trains on text; image classifiers are not supported")
-        return have or Objective.distill
-    if wanted is not Objective.distill and wanted is not have:
-        raise UsageError(f"--objective {wanted.value} needs a {'causal LM' if wanted is Objective.lm else 'masked-LM'} head; "
-                         f"this checkpoint is a {task.value} model; use --objective {(have or Objective.distill).value}")
-    return wanted
-
-
-# -------------------------------------------------------------------------------------------- objective
-
-
-def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, output_hidden_states=True)
-    return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
-
-
-def objective_loss(model: nn.Module, batch: dict[str, torch.Tensor], objective: Objective,
-                   teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean loss of one batch. distill: relative squared error of the last hidden states plus that of the
-    mean-pooled sentence embeddings, both against the frozen original's (teacher = (hidden, pooled))."""
-    ids = batch["input_ids"]
-    if objective is Objective.distill:
-        h = _hidden(model, ids).float()
-        th, tp = teacher
-        pooled = h.mean(dim=1)
-        return (h - th).pow(2).sum() / th.pow(2).sum() + (pooled - tp).pow(2).sum() / tp.pow(2).sum()
-    logits = model(input_ids=ids).logits.float()
-    labels = batch["labels"] if objective is Objective.mlm else F.pad(ids[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-
-@torch.no_grad()
-def teacher_targets(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = _hidden(model, ids).float()
-    return h, h.mean(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -305,7 +256,7 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
     train = text_batches(original.processor, cfg.data_config(n_train, n_eval + n_calib), info.max_positions)
     train_ids = torch.cat([b["input_ids"] for b in train.batches])
     probe_batch = held.batches[0]
-    evaluate = _evaluator(original, held.batches, objective)
+    evaluate = held_out_metric(original, held.batches, objective)
     if log:
         log(f"{original.name}: {info.family.value} {info.task.value}, objective {objective.value}; "
             f"{n_train} training / {n_eval} held-out / {n_calib} calibration sequences of {cfg.seq_len} tokens")
@@ -355,21 +306,3 @@ def _available(cfg: RetrofitConfig, original: LoadedModel, used: int) -> int:
     return available
 
 
-def _evaluator(original: LoadedModel, batches: list[dict[str, torch.Tensor]], objective: Objective) -> Callable[[nn.Module], float]:
-    """The objective's held-out metric: perplexity (lm, mlm; fixed masks) or the distillation loss."""
-    from outlier_probe.evaluation import mask_for_mlm
-
-    dev = original.device
-    if objective is Objective.mlm:
-        batches = mask_for_mlm(batches, original.processor, seed=0)
-    targets = [teacher_targets(original.model, b["input_ids"].to(dev)) for b in batches] if objective is Objective.distill else None
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        losses = [float(objective_loss(model, {k: v.to(dev) for k, v in b.items()}, objective, targets[i] if targets else None))
-                  for i, b in enumerate(batches)]
-        mean = sum(losses) / len(losses)
-        return mean if objective is Objective.distill else math.exp(min(mean, 700.0))
-
-    return evaluate

@@ -65,7 +65,7 @@ def probe(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> dict[str, floa
 @torch.no_grad()
 def kept(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], reference: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     """(mean per-token cosine of the last hidden state, mean sentence-embedding cosine) to the reference's."""
-    from outlier_probe.retrofit import teacher_targets
+    from outlier_probe.retrofit_objective import teacher_targets
 
     dev = next(model.parameters()).device
     model.eval()
