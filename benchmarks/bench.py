@@ -12,6 +12,8 @@ quantize   W8A8 paper-recipe evaluation / float evaluation          target <= 1.
 attention  softmax1 / vanilla attention: forward time and training throughput   target >= 0.95x
 heads      forward with attention probabilities captured and observed (`attention`) / plain forward
            (the model's own kernel keeps computing the output; reported, no target)
+retrofit   a retrofit fine-tuning step (MLM objective) against a `train --from` step of the same model and
+           batch, and the softmax1 twin's step against the vanilla control's   target >= 0.95x (speed ratios)
 sensitivity  `sensitivity` (layer groups, no budget) / one quantized evaluation of `quantize`'s size
            (build + calibrate + score)                                 target <= 2 x groups + 2
 stanhop    STanHop-Net training throughput (windows/s) of every Hopfield variant / softmax, on the
@@ -281,8 +283,37 @@ def bench_gguf() -> None:
     run()
 
 
+def bench_retrofit(steps: int = 12) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from outlier_probe.data import builtin_text
+    from outlier_probe.loading import save_checkpoint
+    from outlier_probe.retrofit import RetrofitConfig, run_retrofit
+    from outlier_probe.train import TrainConfig, build_tokenizer, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "text.txt"
+        text.write_text(builtin_text()[0][:200_000])
+        tok = build_tokenizer(TrainConfig(arch=Arch.bert, data=text, vocab_size=2048))
+        model = build_model(build_config(Arch.bert, Shape(4, 256, 4), vocab_size=len(tok), max_positions=512,
+                                         special_ids={"pad": tok.pad_token_id}))
+        ckpt = save_checkpoint(model, Path(tmp) / "ckpt", tok)
+        common = dict(steps=steps, batch_size=8, seq_len=128, warmup=0, threads=torch.get_num_threads())
+        t = train(TrainConfig(init_from=str(ckpt), data=text, eval_every=steps, eval_samples=8, out=Path(tmp) / "train",
+                              plots=False, lr=5e-5, **common))
+        train_step = 8 * 128 / t.tokens_per_s
+        r = run_retrofit(RetrofitConfig(source=str(ckpt), variants=("softmax1",), data=text, eval_every=steps, eval_samples=8,
+                                        seeds=(0,), device="cpu", **common))
+    control, twin = (next(x.step_s for x in r.twins if x.variant.value == v) for v in ("softmax", "softmax1"))
+    print(f"retrofit  BERT 4x256 MLM 8x128, {steps} steps: train step {train_step * 1e3:7.1f} ms  retrofit control "
+          f"{control * 1e3:7.1f} ms  softmax1 twin {twin * 1e3:7.1f} ms  speed train/control {train_step / control:.3f}x  "
+          f"control/softmax1 {control / twin:.3f}x")
+
+
 BENCHES = {"hooks": bench_hooks, "heads": bench_heads, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention,
-           "sensitivity": bench_sensitivity, "stanhop": bench_stanhop, "offload": bench_offload, "gguf": bench_gguf}
+           "sensitivity": bench_sensitivity, "stanhop": bench_stanhop, "offload": bench_offload, "gguf": bench_gguf,
+           "retrofit": bench_retrofit}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or ["hooks", "memory", "quantize", "attention"]

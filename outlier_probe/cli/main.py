@@ -12,7 +12,7 @@ from typing import Any
 from outlier_probe import interrupts
 from outlier_probe.errors import Interrupted
 
-COMMANDS = ("stats", "quantize", "sensitivity", "attention", "compare", "gate", "train", "reproduce")
+COMMANDS = ("stats", "quantize", "sensitivity", "attention", "compare", "gate", "train", "reproduce", "retrofit")
 
 
 def _load_app() -> Any:
