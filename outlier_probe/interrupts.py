@@ -51,6 +51,29 @@ def install() -> None:
         for sig in SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 signal.signal(sig, _raise)
+        if sys.unraisablehook is not _unraisable:
+            global _next_unraisable
+            _next_unraisable = sys.unraisablehook
+            sys.unraisablehook = _unraisable
+
+
+_next_unraisable = sys.unraisablehook
+
+
+def _unraisable(info: Any) -> None:
+    """A signal that arrived inside a finalizer (`__del__`, a weakref callback) cannot interrupt it: Python
+    prints "Exception ignored in ..." and carries on. Print nothing and deliver the signal again, so the
+    run stops with its one line at the next instruction of ordinary code."""
+    if not isinstance(info.exc_value, Interrupted):
+        _next_unraisable(info)
+        return
+    signum = info.exc_value.signum
+    if _received and _received[-1] == signum:
+        _received.pop()
+    # A timer delivers it a millisecond later, after this hook has returned (raising here, or waiting for a
+    # thread, would land inside the finalizer again); if it lands in one again, this hook re-arms it.
+    signal.signal(signal.SIGALRM, lambda _s, frame: _raise(signum, frame))
+    signal.setitimer(signal.ITIMER_REAL, 0.001)
 
 
 def exit_interrupted(err: Interrupted | KeyboardInterrupt) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -153,3 +154,33 @@ def test_a_signal_during_the_commit_comes_too_late_to_stop_the_run(handlers: Non
         io.write_text(tmp_path / "stats.csv", "x")
     assert [p.name for p in tmp_path.iterdir()] == ["stats.csv"]  # complete, and kept
     assert interrupts.received() is None and signal.getsignal(signal.SIGINT) is interrupts._raise  # Ctrl-C works again
+
+
+def test_a_signal_inside_a_finalizer_still_stops_the_run_with_one_line() -> None:
+    """A signal handled inside `__del__` cannot raise there (Python prints "Exception ignored in" and goes
+    on); the hook delivers it again so the run stops at the next ordinary instruction, silently."""
+    code = textwrap.dedent('''
+        import gc, os, signal, sys, time
+        from outlier_probe import interrupts
+        from outlier_probe.errors import Interrupted
+        interrupts.install()
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs here, inside the finalizer
+
+        try:
+            Finalized()
+            gc.collect()
+            for _ in range(100):
+                time.sleep(0.01)
+            print("not interrupted")
+        except Interrupted as err:
+            interrupts.exit_interrupted(err)
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.splitlines() == ["outlier-probe: error: interrupted"]
+    assert "not interrupted" not in proc.stdout
