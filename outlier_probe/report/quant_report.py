@@ -12,7 +12,7 @@ from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json
 from outlier_probe.report.meta import header
 from outlier_probe.stats.summary import DEFINITIONS
 
-RUN_COLUMNS = ["run", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
+RUN_COLUMNS = ["run", "mitigation", "transformed_float", "gap_closed", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
                "w_bits", "a_bits", "per_channel", "w_estimator", "a_estimator", "description"]
 SITE_COLUMNS = ["run", "site", "kind", "layer", "sqnr_db", "paper_kurtosis", "paper_inf_norm", "range_min", "range_max"]
 
@@ -53,6 +53,8 @@ def _f(value: float, digits: int = 3) -> str:
 def runs_table(result: Any) -> Table:
     rows = result.rows()
     metric = rows[0]["metric"] if rows else ""
+    if any(r["mitigation"] != "plain" for r in rows):
+        return mitigation_table(result)
     table = Table(title=f"{result.model['name']}: float vs quantized {metric}", caption=result.metric_note)
     for col, justify in (("run", "left"), ("recipe", "left"), ("float", "right"), ("quantized", "right"),
                          ("change", "right"), ("relative", "right")):
@@ -73,4 +75,22 @@ def sites_table(result: Any, limit: int = 15) -> Table:
     for run in result.runs:
         for s in run.sites[:limit]:
             table.add_row(run.run, s["site"], s["kind"], _f(s["sqnr_db"], 1), _f(s["paper_kurtosis"], 1), _f(s["paper_inf_norm"], 2))
+    return table
+
+
+def mitigation_table(result: Any) -> Table:
+    """Plain W8A8 and each mitigation: float (of the transformed model), quantized, gap closed."""
+    rows = result.rows()
+    metric = rows[0]["metric"] if rows else ""
+    table = Table(title=f"{result.model['name']}: W8A8 {metric} with mitigations",
+                  caption="gap closed = (plain W8A8 loss - mitigated loss) / plain W8A8 loss; "
+                          "loss = degradation from the float score; recipes in quantize.csv")
+    for col in ("run", "float", "quantized", "gap closed"):
+        table.add_column(col, justify="left" if col == "run" else "right", overflow="fold" if col == "run" else None,
+                         no_wrap=col != "run")
+    for r in rows:
+        closed = r["gap_closed"]
+        style = "green" if closed > 0.05 else ("red" if closed < -0.05 else "yellow")
+        table.add_row(r["run"], _f(r["transformed_float"], 4), _f(r["quantized"], 4),
+                      "-" if math.isnan(closed) else f"[{style}]{100 * closed:+.1f}%[/]")
     return table
