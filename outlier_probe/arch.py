@@ -474,7 +474,7 @@ class SmoothGroup:
 
     fold: "norm" (divide the norm's weight and bias), "rows" (divide the source Linear's output rows),
     or "online" (post-norm blocks: the norm's output also feeds the residual stream, so the scale is
-    applied at each consumer's input instead).
+    applied at each consumer's input instead; also their FFN down input, behind a GELU).
     """
 
     consumers: tuple[str, ...]
@@ -508,6 +508,10 @@ def smoothing_groups(model: nn.Module) -> list[SmoothGroup]:
                 groups.append(SmoothGroup((j(roles.out),), j(roles.value), "rows"))
         if roles.up and roles.down:
             groups.append(SmoothGroup((j(roles.down),), j(roles.up), "rows"))
+        elif not pre and roles.down:
+            # post-norm encoders already scale online; the FFN down input (after GELU, no fold) is scaled
+            # the same way, as a deployment would in the activation kernel that quantizes it
+            groups.append(SmoothGroup((j(roles.down),), None, "online"))
     return groups
 
 

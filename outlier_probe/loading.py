@@ -198,8 +198,9 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     params = {k: v for k, v in stored.items() if k != "attention"} if variant.value == stored.get("attention") else {}
     if variant is not AttentionVariant.softmax:
         params = set_attention(model, variant, params)
-        if variant is AttentionVariant.gated and kind == "dir":
-            _load_extra_tensors(model, Path(folder), marker="op_gate")
+        marker = {"gated": "op_gate", "sigmoid-gate": "op_gate_out", "sink": "op_sink"}.get(variant.value)
+        if marker and kind == "dir":  # parameters from_pretrained dropped: the modules did not exist yet
+            _load_extra_tensors(model, Path(folder), marker=marker)
     model.to(device)
     model.eval()
     processor = _load_processor(folder, kind, path, cfg)
