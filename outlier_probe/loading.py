@@ -225,6 +225,9 @@ def set_attention(model: nn.Module, variant: AttentionVariant, params: dict[str,
     return {k: v for k, v in meta.items() if k != "attention"}
 
 
+_TRAINED_PARTS = {"op_gate": "gated attention", "op_gate_out": "sigmoid-gate attention", "op_sink": "sink attention"}
+
+
 def _load_extra_tensors(model: nn.Module, folder: Path, marker: str) -> None:
     """Load tensors that from_pretrained dropped because the module did not exist yet (gate weights).
 
@@ -246,8 +249,9 @@ def _load_extra_tensors(model: nn.Module, folder: Path, marker: str) -> None:
     found = sorted(stored, key=order)
     if len(found) != len(wanted) or any(order(a) != order(b) or stored[b].shape != state[a].shape for a, b in zip(wanted, found)):
         raise ProbeError(
-            f"checkpoint {folder} is used with gated attention but its weights hold {len(found)} of the "
-            f"{len(wanted)} gate tensors; it was not trained with gates (use --attention softmax1 or clipped)"
+            f"checkpoint {folder} is used with {_TRAINED_PARTS.get(marker, 'gated attention')} but its weights hold "
+            f"{len(found)} of the {len(wanted)} {marker} tensors; it was not trained with them (use --attention softmax1, "
+            "clipped or softpick, or train it with `train --from`)"
         )
     with torch.no_grad():
         for mine, theirs in zip(wanted, found):

@@ -37,6 +37,7 @@ class QuantizeConfig:
     site_stats: bool = True  # kurtosis / inf-norm next to each site's SQNR
     keep_float: KeepFloat | None = None  # quantization points left in float (a sensitivity plan or patterns)
     mitigations: tuple[Mitigation, ...] = ()  # runs next to each recipe's plain W8A8 (always run: the baseline)
+    mitigation_stats: bool = False  # also measure outlier statistics of each transformed float model (compare)
 
 
 @dataclass
@@ -288,6 +289,11 @@ def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfi
         label = f"{_run_name(recipe, cfg.recipes)}+{mit.name}"
         with torch.inference_mode():
             transformed = evaluator(model, step(f"{label} float")).value if mit.transforms_weights else float_score.value
+        if cfg.mitigation_stats and mit.transforms_weights:
+            from outlier_probe.stats.run import run_stats
+
+            summary = run_stats(StatsConfig(load=cfg.load, data=cfg.data, plots=False), loaded=replace(loaded, model=model)).summary
+            details["stats"] = {k: summary.get(k) for k in ("avg_kurtosis", "max_inf_norm", "max_inf_norm_block_output")}
         qmodel, _ = build_calibrated(replace(loaded, model=model), mit_recipe, calib, cfg.keep_float)
         q_score = evaluator(qmodel, step(label))
         loss = degradation(float_score.value, q_score.value, higher)
