@@ -102,8 +102,9 @@ def attach(module: nn.Module, variant_value: str, hidden_size: int, num_heads: i
         gate = nn.Linear(hidden_size, num_heads * hd, bias=False, device=ref.device, dtype=ref.dtype)
         nn.init.normal_(gate.weight, std=0.02)  # sigmoid ~ 0.5 at initialisation, as a fresh Qwen3-Next q_proj gate
         module.add_module(GATE_OUT, gate)
-        if getattr(module, att._GATE_HOOK, None) is None:  # noqa: SLF001
-            setattr(module, att._GATE_HOOK, module.register_forward_pre_hook(att._stash_gate_input, with_kwargs=True))  # noqa: SLF001
+    if variant_value == "sigmoid-gate" and getattr(module, att._GATE_HOOK, None) is None:  # noqa: SLF001
+        # also when the gate exists already (a variant applied again, e.g. by quantize_model on a copy)
+        setattr(module, att._GATE_HOOK, module.register_forward_pre_hook(att._stash_gate_input, with_kwargs=True))  # noqa: SLF001
     if variant_value == "sink" and SINK not in module._parameters:
         module.register_parameter(SINK, nn.Parameter(torch.zeros(num_heads, device=ref.device, dtype=ref.dtype)))
 

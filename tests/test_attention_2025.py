@@ -155,3 +155,19 @@ def test_switching_away_removes_the_new_parameters(tiny_model: Callable[[str], n
     set_attention(model, V.softmax1)
     assert not any(SINK in n or GATE_OUT in n for n, _ in model.named_parameters())
 
+
+
+@pytest.mark.parametrize("variant", [V.sigmoid_gate, V.sink, V.softpick])
+def test_quantized_copy_of_a_new_variant_runs(variant: V, tiny_model: Callable[[str], nn.Module]) -> None:
+    """quantize_model applies the variant again on its copy (hookable): the gate must keep its input hook."""
+    from outlier_probe.quant.recipes import QuantConfig, quantize_model
+    from outlier_probe.quant.run import calibrate
+    from outlier_probe.data import Batches
+
+    model = _model("opt", variant, tiny_model)
+    qmodel, sites = quantize_model(model, QuantConfig(), variant)
+    x = _ids()
+    calibrate(qmodel, Batches([x], "test"))
+    with torch.no_grad():
+        out = qmodel(**x).logits
+    assert torch.isfinite(out).all() and any(s.kind == "attn_probs" for s in sites)
