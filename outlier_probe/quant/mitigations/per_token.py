@@ -7,16 +7,28 @@ import torch
 from torch import Tensor
 
 from outlier_probe.quant.modules import ActMode, ActQuantizer
-from outlier_probe.quant.quantizer import PerChannel, QuantSpec, compute_qparams, fake_quantize
+from outlier_probe.quant.quantizer import SCALE_EPS, QuantSpec
 
 
 def per_token_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
-    """Fake-quantize each row x[..., :] with its own range (0 included, as the per-tensor grid)."""
-    rows = x.reshape(-1, x.shape[-1])
-    lo, hi = torch.aminmax(rows.detach().float(), dim=1)
-    row_spec = QuantSpec(spec.bits, spec.symmetric, PerChannel(0))
-    scale, zero_point = compute_qparams(lo, hi, row_spec)
-    return fake_quantize(rows, scale, zero_point, row_spec).reshape(x.shape)
+    """Fake-quantize each row x[..., :] with its own range (0 included, as the per-tensor grid).
+
+    The same arithmetic as compute_qparams + fake_quantize (multiply by the float32 reciprocal, round
+    half to even), done in place on one buffer: this runs at every activation site on every forward.
+    """
+    xf = x.detach().float() if x.dtype != torch.float32 else x.detach()
+    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
+    qmin, qmax = spec.quant_min, spec.quant_max
+    if spec.symmetric:
+        scale = torch.maximum(-lo.clamp_(max=0.0), hi.clamp_(min=0.0)).div_(qmax).clamp_(min=SCALE_EPS)
+        zp = torch.zeros_like(scale)
+    else:
+        lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
+        scale = (hi - lo).div_(qmax - qmin).clamp_(min=SCALE_EPS)
+        zp = torch.round(lo / scale).neg_().add_(qmin).clamp_(qmin, qmax)
+    q = xf * (1.0 / scale)
+    q.round_().add_(zp).clamp_(qmin, qmax)
+    return q.sub_(zp).mul_(scale).to(x.dtype)
 
 
 class TokenActQuantizer(ActQuantizer):
