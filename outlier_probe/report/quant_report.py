@@ -12,8 +12,9 @@ from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json
 from outlier_probe.report.meta import header
 from outlier_probe.stats.summary import DEFINITIONS
 
-RUN_COLUMNS = ["run", "mitigation", "transformed_float", "gap_closed", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
-               "w_bits", "a_bits", "per_channel", "w_estimator", "a_estimator", "description"]
+RUN_COLUMNS = ["run", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
+               "w_bits", "a_bits", "per_channel", "w_estimator", "a_estimator", "description",
+               "mitigation", "transformed_float", "gap_closed"]
 SITE_COLUMNS = ["run", "site", "kind", "layer", "sqnr_db", "paper_kurtosis", "paper_inf_norm", "range_min", "range_max"]
 
 
