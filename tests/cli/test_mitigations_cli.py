@@ -57,3 +57,22 @@ def test_mitigated_runs_report_float_quantized_and_gap_closed(tiny_checkpoint: C
     plain_loss = df["quantized"][0] - df["float"][0]
     expected = (plain_loss - (df["quantized"] - df["float"])) / plain_loss
     pd.testing.assert_series_equal(df["gap_closed"], expected, check_names=False, atol=1e-12, rtol=0)
+
+
+def test_quantize_mitigation_table_fits_80_columns() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from outlier_probe.report.quant_report import runs_table
+
+    rows = [{"run": "linear-w8a8-pt-running_minmax+smoothquant-0.85", "mitigation": "smoothquant-0.85",
+             "metric": "mlm_perplexity", "higher_is_better": False, "transformed_float": 123456.789,
+             "quantized": 1.5e9, "gap_closed": -41.4789},
+            {"run": "paper", "mitigation": "plain", "metric": "mlm_perplexity", "higher_is_better": False,
+             "transformed_float": 4.5, "quantized": 1294.0, "gap_closed": 0.0}]
+    result = SimpleNamespace(rows=lambda: rows, model={"name": "a-long-model-name-for-the-title"}, metric_note="")
+    console = Console(width=80, record=True)
+    console.print(runs_table(result))
+    text = console.export_text()
+    assert "…" not in text and "-4147.9%" in text and "1.5e+09" in text, text
