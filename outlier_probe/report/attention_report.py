@@ -110,7 +110,9 @@ def _mean(xs: list[float]) -> float:
 def heads_table(result: Any) -> Table:
     """One row per layer: means over its heads, and its most sink-prone head."""
     extra = "null" if result.variant in NULL_VARIANTS else "gate_closed" if result.variant in GATE_VARIANTS else None
-    table = Table(title=f"{result.model['name']}: attention per layer ({result.variant}; means over heads)")
+    # collapsed padding: eight 8-character numbers (0.008583) must still fit 80 columns
+    table = Table(title=f"{result.model['name']}: attention per layer ({result.variant}; means over heads)",
+                  collapse_padding=True, pad_edge=False)
     cols = ["layer", "first", "special", "delim", "entropy", "sink", "top head"] + ([extra.replace("_closed", "")] if extra else [])
     for c in cols:
         table.add_column(c, justify="right", no_wrap=True)
