@@ -57,9 +57,6 @@ class RunResult:
         r = self.recipe
         return {
             "run": self.run,
-            "mitigation": self.mitigation,
-            "transformed_float": self.transformed_float,
-            "gap_closed": self.gap_closed,
             "metric": self.float_score.metric.value,
             "higher_is_better": self.float_score.metric.higher_is_better,
             "float": f,
@@ -72,6 +69,9 @@ class RunResult:
             "w_estimator": r.w_estimator.value if r else "llm.int8",
             "a_estimator": r.a_estimator.value if r else "dynamic (threshold 6.0)",
             "description": r.describe() if r else "bitsandbytes LLM.int8: Linear8bitLt, threshold 6.0, fp16 outlier columns",
+            "mitigation": self.mitigation,
+            "transformed_float": self.transformed_float,
+            "gap_closed": self.gap_closed,
         }
 
 
