@@ -7,6 +7,7 @@ softmax), head modules (what stays in float) and the model's shape facts.
 from __future__ import annotations
 
 import enum
+import functools
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -452,3 +453,127 @@ def parse_site_kinds(values: list[str] | tuple[str, ...]) -> tuple[SiteKind, ...
     if not kinds:
         raise UsageError(f"--sites is empty; valid: {valid}, all")
     return tuple(dict.fromkeys(kinds))
+
+
+# ------------------------------------------------------------------ mitigations (quant/mitigations/)
+
+
+@dataclass(frozen=True)
+class LinearRoles:
+    """Which Linears of a block read from / write to what, relative to the block (smoothing, rotation)."""
+
+    attn_in: tuple[str, ...]  # q/k/v (or fused qkv): read the attention norm's output
+    attn_norm: str | None  # norm feeding attn_in inside the block (None: post-norm, the previous block's)
+    ffn_in: tuple[str, ...]  # FFN up / gate: read the FFN norm's output
+    ffn_norm: str
+    value: str | None = None  # value projection whose output channels are the out projection's inputs
+    out: str | None = None  # attention output projection (writes the residual stream)
+    up: str | None = None  # SwiGLU up projection: its output multiplies the down projection's input
+    down: str | None = None  # FFN down projection (writes the residual stream)
+    embeddings: str | None = None  # token embedding, relative to the layer stack's parent
+
+
+_ROLES: dict[Family, LinearRoles] = {
+    Family.bert: LinearRoles(("attention.self.query", "attention.self.key", "attention.self.value"), None,
+                             ("intermediate.dense",), "attention.output.LayerNorm",
+                             value="attention.self.value", out="attention.output.dense", down="output.dense"),
+    Family.distilbert: LinearRoles(("attention.q_lin", "attention.k_lin", "attention.v_lin"), None, ("ffn.lin1",),
+                                   "sa_layer_norm", value="attention.v_lin", out="attention.out_lin", down="ffn.lin2"),
+    Family.gpt2: LinearRoles(("attn.c_attn",), "ln_1", ("mlp.c_fc",), "ln_2", out="attn.c_proj", down="mlp.c_proj"),
+    Family.opt: LinearRoles(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm",
+                            ("fc1",), "final_layer_norm", value="self_attn.v_proj", out="self_attn.out_proj", down="fc2"),
+    Family.llama: LinearRoles(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm",
+                              ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", value="self_attn.v_proj",
+                              out="self_attn.o_proj", up="mlp.up_proj", down="mlp.down_proj", embeddings="embed_tokens"),
+}
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """Linears reading one tensor (consumers) and where their input scale can be folded (source).
+
+    fold: "norm" (divide the norm's weight and bias), "rows" (divide the source Linear's output rows),
+    or "online" (post-norm blocks: the norm's output also feeds the residual stream, so the scale is
+    applied at each consumer's input instead; also their FFN down input, behind a GELU).
+    """
+
+    consumers: tuple[str, ...]
+    source: str | None
+    fold: Literal["norm", "rows", "online"]
+
+
+def _unsupported(model: nn.Module, what: str, family: Family) -> UsageError:
+    return UsageError(f"{what} is not supported for the {family.value} family "
+                      f"(model type {getattr(model.config, 'model_type', '?')!r}); supported: "
+                      f"{', '.join(f.value for f in _ROLES)}")
+
+
+def smoothing_groups(model: nn.Module) -> list[SmoothGroup]:
+    """SmoothQuant's (norm -> q/k/v), (norm -> FFN in), (v -> out) and, SwiGLU, (up -> down) pairs, in model order."""
+    family = family_of(model)
+    if family not in _ROLES:
+        raise _unsupported(model, "--smoothquant", family)
+    roles, pre = _ROLES[family], _SPECS[family].pre_norm
+    groups: list[SmoothGroup] = []
+    for name, block in layer_modules(model):
+        j = functools.partial(_join, name)
+        if pre and roles.attn_norm:
+            groups.append(SmoothGroup(tuple(map(j, roles.attn_in)), j(roles.attn_norm), "norm"))
+        else:
+            groups.append(SmoothGroup(tuple(map(j, roles.attn_in)), None, "online"))
+        groups.append(SmoothGroup(tuple(map(j, roles.ffn_in)), j(roles.ffn_norm), "norm" if pre else "online"))
+        if roles.value and roles.out:
+            v, o = block.get_submodule(roles.value), block.get_submodule(roles.out)
+            if v.weight.shape[0] == o.weight.shape[1]:  # grouped-query attention shares v rows: no fold
+                groups.append(SmoothGroup((j(roles.out),), j(roles.value), "rows"))
+        if roles.up and roles.down:
+            groups.append(SmoothGroup((j(roles.down),), j(roles.up), "rows"))
+        elif not pre and roles.down:
+            # post-norm encoders already scale online; the FFN down input (after GELU, no fold) is scaled
+            # the same way, as a deployment would in the activation kernel that quantizes it
+            groups.append(SmoothGroup((j(roles.down),), None, "online"))
+    return groups
+
+
+@dataclass(frozen=True)
+class RotationLayout:
+    """Where a residual-stream rotation is fused (QuaRot): names are full module paths."""
+
+    embeddings: str
+    readers: tuple[tuple[str, tuple[str, ...]], ...]  # (norm, Linears reading its output) per norm
+    writers: tuple[str, ...]  # Linears writing into the residual stream (out and down projections)
+    downs: tuple[str, ...]  # down projections (online rotation of their input)
+    final_norm: str
+    head: str
+
+
+def rotation_layout(model: nn.Module) -> RotationLayout:
+    """The layout for `--rotate`, or a usage error saying why this model's norms cannot be folded."""
+    family = family_of(model)
+    model_type = getattr(model.config, "model_type", "?")
+    if family is not Family.llama:
+        why = ("post-norm blocks put the LayerNorm's scale on the residual stream itself"
+               if family in (Family.bert, Family.distilbert) else
+               "its LayerNorm subtracts the mean, which does not commute with a rotation of the residual stream")
+        raise UsageError(f"--rotate needs pre-RMSNorm blocks (llama family); {family.value} ({model_type!r}) cannot "
+                         f"be rotated: {why}")
+    roles = _ROLES[family]
+    blocks = layer_modules(model)
+    norm_cls = type(blocks[0][1].get_submodule(roles.ffn_norm)).__name__ if blocks else ""
+    if "RMSNorm" not in norm_cls or model_type in ("olmo2", "gemma", "gemma2", "gemma3"):
+        raise UsageError(f"--rotate needs pre-RMSNorm blocks with a plain scale; {model_type!r} uses {norm_cls}")
+    head = next((h for h in head_module_names(model) if _is_linear(_try_get(model, h) or nn.Identity())), None)
+    if head is None:
+        raise UsageError("--rotate folds the final norm into the LM head; this checkpoint has no LM head "
+                         "(load it as a causal LM)")
+    spec = _SPECS[family]
+    parent = _stack_parent(model, spec, levels=1)
+    readers, writers, downs = [], [], []
+    for name, _ in blocks:
+        j = functools.partial(_join, name)
+        readers.append((j(roles.attn_norm or ""), tuple(map(j, roles.attn_in))))
+        readers.append((j(roles.ffn_norm), tuple(map(j, roles.ffn_in))))
+        writers += [j(roles.out or ""), j(roles.down or "")]
+        downs.append(j(roles.down or ""))
+    return RotationLayout(_join(parent, roles.embeddings or ""), tuple(readers), tuple(writers), tuple(downs),
+                          _join(parent, spec.final_norm[0]), head)

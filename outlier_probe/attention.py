@@ -40,6 +40,9 @@ IMPLEMENTATION_NAMES: dict[AttentionVariant, str] = {
     AttentionVariant.softmax1: "op_softmax1",
     AttentionVariant.clipped: "op_clipped",
     AttentionVariant.gated: "op_gated",
+    AttentionVariant.softpick: "op_softpick",
+    AttentionVariant.sigmoid_gate: "op_sigmoid_gate",
+    AttentionVariant.sink: "op_sink",
 }
 
 # Attributes this module sets on (or reads from) attention modules.
@@ -326,8 +329,12 @@ def register_attention_functions() -> dict[AttentionVariant, str]:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
+    from outlier_probe import attention_2025 as a25
+
+    functions = {**_FUNCTIONS, AttentionVariant.softpick: a25.op_softpick_attention,
+                 AttentionVariant.sigmoid_gate: a25.op_sigmoid_gate_attention, AttentionVariant.sink: a25.op_sink_attention}
     for variant, name in IMPLEMENTATION_NAMES.items():
-        AttentionInterface.register(name, _FUNCTIONS[variant])
+        AttentionInterface.register(name, functions[variant])
         AttentionMaskInterface.register(name, sdpa_mask)
     return dict(IMPLEMENTATION_NAMES)
 
@@ -416,6 +423,7 @@ def apply_attention_variant(
     if variant is AttentionVariant.gated and not 0.0 < gate_init < 1.0:
         raise UsageError(f"gate_init must be in (0, 1), got {gate_init}")
     names = register_attention_functions()
+    from outlier_probe import attention_2025 as a25
 
     for _, module in modules:
         if variant is AttentionVariant.gated:
@@ -423,6 +431,8 @@ def apply_attention_variant(
                 _attach_gate(module, hidden_size, num_heads, gate_init)
         else:
             _detach_gate(module)
+        a25.detach(module, variant.value)
+        a25.attach(module, variant.value, hidden_size, num_heads)
         if variant is AttentionVariant.clipped:
             setattr(module, _GAMMA, float(gamma))
             setattr(module, _ZETA, float(zeta))

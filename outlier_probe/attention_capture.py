@@ -29,10 +29,25 @@ GateCallback = Callable[[int, torch.Tensor], None]  # (layer, gate (B, T, H) in 
 def _prob_fn(variant: AttentionVariant, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if variant is AttentionVariant.softmax1:
         return att.softmax1
+    if variant in (AttentionVariant.softpick, AttentionVariant.sink):
+        from outlier_probe import attention_2025 as a25
+
+        if variant is AttentionVariant.softpick:
+            return a25.softpick
+        sink = getattr(module, a25.SINK).detach().view(1, -1, 1, 1).float()
+        return lambda s: a25.sink_softmax(s, sink)
     if variant is AttentionVariant.clipped:
         return functools.partial(att.clipped_softmax, gamma=getattr(module, att._GAMMA, att.DEFAULT_GAMMA),  # noqa: SLF001
                                  zeta=getattr(module, att._ZETA, att.DEFAULT_ZETA), alpha=getattr(module, att._ALPHA, None))  # noqa: SLF001
     return att._softmax  # noqa: SLF001 - softmax and gated
+
+
+def _heads_of(module: nn.Module) -> int:
+    cfg = getattr(module, "config", None)
+    heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None) or getattr(
+        cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", None)
+    assert heads, f"cannot tell the number of heads of {type(module).__name__}"
+    return int(heads)
 
 
 def probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -108,6 +123,11 @@ def capture_attention(model: nn.Module, modules: list[tuple[str, nn.Module]], on
             if gate is not None and on_gate is not None:
                 handles.append(gate.register_forward_hook(
                     lambda _m, _a, out, _i=i: on_gate(_i, torch.sigmoid(out.detach().float()))))
+            out_gate = getattr(module, "op_gate_out", None)  # sigmoid-gate: per head and channel -> mean per head
+            if out_gate is not None and on_gate is not None:
+                handles.append(out_gate.register_forward_hook(
+                    lambda _m, _a, out, _i=i, _h=_heads_of(module): on_gate(
+                        _i, torch.sigmoid(out.detach().float()).unflatten(-1, (_h, -1)).mean(-1))))
         att._set_implementation(model, modules, _register(original))  # noqa: SLF001
         yield variant
     finally:

@@ -9,6 +9,7 @@ versus the baseline's figure, (x - x_baseline) / |x_baseline|.
 from __future__ import annotations
 
 import gc
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from outlier_probe.compare_types import (  # noqa: F401 - re-exported: the compa
     CompareEntry,
     CompareResult,
     ModelRun,
+    _num,
     compare_rows,
     relative_change,
 )
@@ -28,6 +30,7 @@ from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, Obser
 from outlier_probe.errors import UsageError
 from outlier_probe.evaluation import MetricName
 from outlier_probe.loading import load_model, model_name, weights_folder
+from outlier_probe.quant.mitigations.apply import Mitigation
 from outlier_probe.quant.recipes import QuantConfig
 from outlier_probe.quant.run import QuantizeConfig, run_quantize
 from outlier_probe.stats.run import run_stats, settings_of
@@ -48,9 +51,13 @@ class CompareConfig:
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     attention: bool = True  # also the `attention` pass: sink rate, null mass, massive activations
     forecast_samples: int | None = None  # stanhop checkpoints: test windows (None: every one)
+    mitigation_table: bool = False  # --mitigations: the first model also runs post-training mitigations
+    mitigations: tuple[Mitigation, ...] = ()  # empty with mitigation_table: SmoothQuant 0.5, per-token, rotation if possible
 
     def __post_init__(self) -> None:
-        if len(self.entries) < 2:
+        if self.mitigation_table and not self.quantize:
+            raise UsageError("--mitigations compares W8A8 losses; it cannot be combined with --no-quantize")
+        if len(self.entries) < (1 if self.mitigation_table else 2):
             raise UsageError(f"compare needs at least two checkpoints, got {len(self.entries)}; e.g. compare vanilla/ outeffhop/")
         names = [e.name for e in self.entries]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -136,7 +143,9 @@ def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> Compare
         stats = run_stats(stats_cfg, progress=_labelled(progress, f"{entry.name}: measuring"), loaded=loaded)
         quant = None
         if cfg.quantize:
-            qcfg = QuantizeConfig(load=entry.load, data=cfg.data, recipes=(cfg.recipe,), metric=cfg.metric)
+            mitigations = default_mitigations(loaded.model, cfg) if cfg.mitigation_table and not runs else ()
+            qcfg = QuantizeConfig(load=entry.load, data=cfg.data, recipes=(cfg.recipe,), metric=cfg.metric,
+                                  mitigations=mitigations, mitigation_stats=bool(mitigations))
             step = None if progress is None else (lambda d, t, label, n=entry.name: progress(d, t, f"{n}: evaluating {label}"))
             quant = run_quantize(qcfg, progress=step, loaded=loaded)
         heads = None
@@ -165,3 +174,62 @@ def _notes(runs: list[ModelRun]) -> list[str]:
         if run.quant and base.quant and run.quant.rows()[0]["metric"] != base.quant.rows()[0]["metric"]:
             notes.append(f"{run.entry.name} is scored by another metric than {base.entry.name}: its metric changes are NaN")
     return notes
+
+
+def default_mitigations(model: Any, cfg: CompareConfig) -> tuple[Mitigation, ...]:
+    """The mitigations asked for, or SmoothQuant 0.5, per-token activations and (where the family allows) rotation."""
+    from outlier_probe import arch
+    from outlier_probe.quant.mitigations.apply import AGranularity, Rotation
+
+    if cfg.mitigations:
+        return cfg.mitigations
+    out = [Mitigation(smoothquant=0.5), Mitigation(a_granularity=AGranularity.per_token)]
+    try:
+        arch.rotation_layout(model)
+        out.append(Mitigation(rotate=Rotation.hadamard))
+    except UsageError:
+        pass  # the family cannot be rotated: the table notes it
+    return tuple(out)
+
+
+MITIGATION_DEFINITIONS: dict[str, str] = {
+    "gap_closed": "(plain W8A8 loss - this row's loss) / plain W8A8 loss of the first (vanilla) model; loss = "
+                  "degradation from the row's own float score",
+    "avg_kurtosis": "mean paper kurtosis over the sites of the float model the row quantizes (transformed for "
+                    "SmoothQuant / rotation)",
+    "max_inf_norm": "largest paper inf-norm over every hooked site of that float model",
+    "sink_rate": "attention pass of the untransformed model: SmoothQuant, rotation and per-token scales leave "
+                 "the float attention probabilities unchanged, so mitigated rows repeat the vanilla figure",
+}
+
+
+def mitigation_rows(result: CompareResult) -> list[dict[str, Any]]:
+    """Rows of `compare --mitigations`: the vanilla model plain and with each mitigation, then each other model."""
+    from outlier_probe.quant.run import degradation, gap_closed
+
+    first = result.runs[0]
+    assert first.quant is not None, "mitigation rows need quantize passes"
+    base = first.figures()
+    higher = bool(base["higher_is_better"])
+    plain_loss = degradation(base["float"], base["quantized"], higher)
+    rows = []
+    for r in first.quant.runs:
+        stats = r.details.get("stats") or {}
+        rows.append({
+            "row": first.entry.name if r.mitigation == "plain" else f"{first.entry.name}+{r.mitigation}",
+            "kind": "vanilla" if r.mitigation == "plain" else "post-training",
+            "float": r.transformed_float, "w8a8": r.quant_score.value,
+            "gap_closed": gap_closed(plain_loss, degradation(r.float_score.value, r.quant_score.value, higher)),
+            "avg_kurtosis": _num(stats.get("avg_kurtosis", base["avg_kurtosis"])),
+            "max_inf_norm": _num(stats.get("max_inf_norm", base["max_inf_norm"])),
+            "sink_rate": base.get("sink_rate", math.nan),
+        })
+    for run in result.runs[1:]:
+        f = run.figures()
+        same = f["metric"] == base["metric"]
+        rows.append({
+            "row": run.entry.name, "kind": f"architecture ({f['attention']})", "float": f["float"], "w8a8": f["quantized"],
+            "gap_closed": gap_closed(plain_loss, degradation(f["float"], f["quantized"], higher)) if same else math.nan,
+            "avg_kurtosis": f["avg_kurtosis"], "max_inf_norm": f["max_inf_norm"], "sink_rate": f.get("sink_rate", math.nan),
+        })
+    return rows

@@ -36,6 +36,9 @@ class AttentionVariant(str, enum.Enum):
     softmax1 = "softmax1"  # OutEffHop: exp(x_i) / (1 + sum_j exp(x_j))
     clipped = "clipped"  # clip((zeta - gamma) * softmax(x) + gamma, 0, 1)
     gated = "gated"  # sigmoid(G(x)) * softmax attention, per head
+    softpick = "softpick"  # ReLU(e^x - 1) / (sum |e^x - 1| + eps) (2025, rectified softmax)
+    sigmoid_gate = "sigmoid-gate"  # Y * sigmoid(X W_g) per head and channel (Qwen3-Next output gate)
+    sink = "sink"  # exp(x_i) / (exp(s_h) + sum_j exp(x_j)), learned per-head sink logit (gpt-oss)
 
 
 class DType(str, enum.Enum):

@@ -215,7 +215,7 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
                                                              local_files_only=kwargs.get("local_files_only", False))
             cls = _model_class(config, cfg.trust_remote_code)
             model, report = cls.from_pretrained(folder, use_safetensors=None, **kwargs)
-        check_loading_report(cfg.source, model, report, restored_later=(GATE,))
+        check_loading_report(cfg.source, model, report, restored_later=(GATE, "op_gate_out", "op_sink"))
     except ProbeError:
         raise
     except Exception as err:  # noqa: BLE001 - turned into one clear line
@@ -226,8 +226,9 @@ def load_model(cfg: LoadConfig) -> LoadedModel:
     params = {k: v for k, v in stored.items() if k != "attention"} if variant.value == stored.get("attention") else {}
     if variant is not AttentionVariant.softmax:
         params = set_attention(model, variant, params)
-        if variant is AttentionVariant.gated and kind == "dir":
-            _load_extra_tensors(model, Path(folder), marker=GATE)
+        marker = {"gated": GATE, "sigmoid-gate": "op_gate_out", "sink": "op_sink"}.get(variant.value)
+        if marker and kind == "dir":  # parameters from_pretrained dropped: the modules did not exist yet
+            _load_extra_tensors(model, Path(folder), marker=marker)
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
@@ -267,6 +268,9 @@ def set_attention(model: nn.Module, variant: AttentionVariant, params: dict[str,
     return {k: v for k, v in meta.items() if k != "attention"}
 
 
+_TRAINED_PARTS = {"op_gate": "gated attention", "op_gate_out": "sigmoid-gate attention", "op_sink": "sink attention"}
+
+
 def _load_extra_tensors(model: nn.Module, folder: Path, marker: str) -> None:
     """Load tensors that from_pretrained dropped because the module did not exist yet (gate weights).
 
@@ -288,8 +292,9 @@ def _load_extra_tensors(model: nn.Module, folder: Path, marker: str) -> None:
     found = sorted(stored, key=order)
     if len(found) != len(wanted) or any(order(a) != order(b) or stored[b].shape != state[a].shape for a, b in zip(wanted, found)):
         raise ProbeError(
-            f"checkpoint {folder} is used with gated attention but its weights hold {len(found)} of the "
-            f"{len(wanted)} gate tensors; it was not trained with gates (use --attention softmax1 or clipped)"
+            f"checkpoint {folder} is used with {_TRAINED_PARTS.get(marker, 'gated attention')} but its weights hold "
+            f"{len(found)} of the {len(wanted)} {marker} tensors; it was not trained with them (use --attention softmax1, "
+            "clipped or softpick, or train it with `train --from`)"
         )
     with torch.no_grad():
         for mine, theirs in zip(wanted, found):

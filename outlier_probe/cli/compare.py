@@ -14,10 +14,11 @@ from outlier_probe.cli.app import app, guarded
 from outlier_probe.cli.progress import batch_progress
 from outlier_probe.distributed import is_main
 from outlier_probe.config import Device, DType
+from outlier_probe.errors import UsageError
 
 Checkpoints = Annotated[list[str], typer.Argument(
     help="Two or more checkpoints, the first is the baseline. Each is \\[NAME=]PATH\\[@VARIANT]: PATH as for `stats`; "
-         "@VARIANT (softmax, softmax1, clipped, gated) overrides the attention variant, e.g. ckpt/@softmax1; "
+         "@VARIANT (softmax, softmax1, clipped, gated, softpick, sigmoid-gate, sink) overrides the attention variant, e.g. ckpt/@softmax1; "
          "NAME= sets the display and sub-folder name. The same PATH may appear twice with different variants "
          "(the names then get the variant as suffix).",
     metavar="CHECKPOINT")]
@@ -42,6 +43,10 @@ def compare(
     calib_batches: o.CalibBatches = 4,
     metric: o.Metric = None,
     no_quantize: Annotated[bool, typer.Option("--no-quantize", help="Outlier statistics only: no evaluation, so the FP / W8A8 / degradation columns are left out of the table and are NaN (empty in CSV, null in JSON).")] = False,
+    mitigations: Annotated[bool, typer.Option("--mitigations", help="One table of the first (vanilla) model with each post-training mitigation and every other model (architecture variants): float, W8A8, gap closed, kurtosis, inf-norm, sink rate. One checkpoint is enough.")] = False,
+    smoothquant: o.SmoothQuant = None,
+    rotate: o.Rotate = None,
+    a_granularity: o.AGranularityOpt = None,
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Skip the attention pass: no sink rate, null mass or massive-activation columns.")] = False,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
@@ -86,7 +91,11 @@ def compare(
         quantize=not no_quantize,
         metric=metric,
         attention=not no_attention,
+        mitigation_table=mitigations,
+        mitigations=o.mitigations_from_options(smoothquant, rotate, a_granularity),
     )
+    if cfg.mitigations and not mitigations:
+        raise UsageError("--smoothquant / --rotate / --a-granularity in compare need --mitigations")
     target = check_out_dir(out or default_out([e.name for e in cfg.entries]))  # before any model loads
     quiet = quiet or as_json or not is_main()
     console = Console(stderr=True)
@@ -95,14 +104,25 @@ def compare(
         result = run_compare(cfg, progress=progress)
     if not is_main():  # a data-parallel run: rank 0 alone writes and prints
         return
+    table_rows = None
     with all_or_nothing():  # every report or none (errors, Ctrl-C, SIGTERM)
         written = write_compare_report(result, target, plots_on=not no_plots)
+        if mitigations:
+            from outlier_probe.compare import mitigation_rows
+            from outlier_probe.report.compare_report import command_line
+            from outlier_probe.report.mitigation_report import mitigation_table, write_mitigation_report
+
+            table_rows = mitigation_rows(result)
+            metric_name = result.runs[0].quant.rows()[0]["metric"]
+            written.update(write_mitigation_report(table_rows, target, metric_name, command_line(result)))
     if as_json:
         typer.echo(json.dumps(compare_document(result), indent=2, default=str))
         return
     if not quiet:
         c = Console()
         c.print(compare_table(result, width=c.width))
+        if table_rows is not None:
+            c.print(mitigation_table(table_rows, metric_name))
         for note in result.notes:
             c.print(f"[yellow]note:[/] {note}")
         c.print(f"reports: {target}/ (compare.csv, compare.json, compare.md{', layers.png' if 'layers.png' in written else ''}, "

@@ -67,3 +67,40 @@ def default_out(checkpoint: str, out: Path | None, suffix: str = "") -> Path:
     if out is not None:
         return out
     return Path("reports") / (model_name(checkpoint) + suffix)
+
+# post-training mitigations (quantize, compare --mitigations)
+SmoothQuant = Annotated[Optional[str], typer.Option("--smoothquant", help="SmoothQuant migration strength alpha in [0, 1], or a comma-separated sweep (0.3,0.5,0.7,0.85): one run each.")]
+Rotate = Annotated[Optional[str], typer.Option("--rotate", help="hadamard: QuaRot-style rotation of the residual stream fused into the weights (llama family), plus an online rotation before each down projection.")]
+AGranularityOpt = Annotated[Optional[str], typer.Option("--a-granularity", help="per-token: also run dynamic per-token activation scales (per-tensor static is the plain run).")]
+
+
+def mitigations_from_options(smoothquant: str | None, rotate: str | None, a_granularity: str | None) -> tuple:
+    """--smoothquant / --rotate / --a-granularity -> one Mitigation per requested run (plain W8A8 always runs)."""
+    from outlier_probe.errors import UsageError
+    from outlier_probe.quant.mitigations.apply import AGranularity, Mitigation, Rotation
+
+    out = []
+    for part in (smoothquant or "").split(","):
+        if not part.strip():
+            continue
+        try:
+            alpha = float(part)
+        except ValueError:
+            raise UsageError(f"--smoothquant takes numbers in [0, 1] (e.g. 0.5 or 0.3,0.5), got {part.strip()!r}") from None
+        out.append(Mitigation(smoothquant=alpha))
+    if smoothquant is not None and not out:
+        raise UsageError("--smoothquant is empty; give alpha values in [0, 1], e.g. 0.5")
+    if rotate is not None:
+        try:
+            out.append(Mitigation(rotate=Rotation(rotate)))
+        except ValueError:
+            raise UsageError(f"unknown --rotate {rotate!r}; choose from {', '.join(r.value for r in Rotation)}") from None
+    for part in (a_granularity or "").split(","):
+        try:
+            gran = AGranularity(part.strip()) if part.strip() else None
+        except ValueError:
+            raise UsageError(f"unknown --a-granularity {part.strip()!r}; choose from "
+                             f"{', '.join(g.value for g in AGranularity)}") from None
+        if gran is AGranularity.per_token:
+            out.append(Mitigation(a_granularity=gran))
+    return tuple(dict.fromkeys(out))

@@ -64,6 +64,9 @@ def quantize(
     backend: Annotated[Optional[list[Backend]], typer.Option("--backend", help="Also run a real backend: bnb-int8 (LLM.int8).")] = None,
     metric: o.Metric = None,
     keep_float: o.KeepFloatOpt = None,
+    smoothquant: o.SmoothQuant = None,
+    rotate: o.Rotate = None,
+    a_granularity: o.AGranularityOpt = None,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",
@@ -97,6 +100,7 @@ def quantize(
         backends=tuple(dict.fromkeys(backend or ())),
         metric=metric,
         keep_float=parse_keep_float(keep_float),
+        mitigations=o.mitigations_from_options(smoothquant, rotate, a_granularity),
     )
     from outlier_probe.forecast.run import is_forecaster, run_forecast_quantize
 

@@ -21,7 +21,7 @@ def reproduce(
     data: Annotated[Optional[Path], typer.Option("--data", help="Text corpus file or folder (default by scale).")] = None,
     image_data: Annotated[Optional[Path], typer.Option("--image-data", help="(Fashion-)MNIST idx folder for the ViT family.")] = None,
     family: Annotated[Optional[list[Arch]], typer.Option("--family", help="Only these families (repeatable).")] = None,
-    variant: Annotated[Optional[list[AttentionVariant]], typer.Option("--variant", help="Variants to train (softmax is always the baseline); default: all four (gpu: softmax and softmax1).")] = None,
+    variant: Annotated[Optional[list[AttentionVariant]], typer.Option("--variant", help="Variants to train (softmax is always the baseline): softmax1, clipped, gated, softpick, sigmoid-gate, sink; default: the first four (gpu: softmax and softmax1).")] = None,
     time_scale: Annotated[float, typer.Option("--time-scale", help="Multiply every training budget.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     report_only: Annotated[bool, typer.Option("--report-only", help="stanhop presets: write the report from the runs already finished; train nothing.")] = False,

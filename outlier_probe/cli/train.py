@@ -30,7 +30,7 @@ def train_command(
     layers: Annotated[Int, _opt("--layers", help="Override the preset's number of layers.")] = None,
     hidden: Annotated[Int, _opt("--hidden", help="Override the preset's hidden size.")] = None,
     heads: Annotated[Int, _opt("--heads", help="Override the preset's number of attention heads.")] = None,
-    attention: Annotated[str, _opt("--attention", help="softmax (vanilla), softmax1 (OutEffHop), clipped, gated; stanhop also sparsemax, entmax, clipped+softmax1, gated+softmax1.")] = "softmax",
+    attention: Annotated[str, _opt("--attention", help="softmax (vanilla), softmax1 (OutEffHop), clipped, gated, softpick, sigmoid-gate (Qwen3-Next output gate), sink (learned per-head sink logit); stanhop: softmax, softmax1, sparsemax, entmax, clipped, gated, clipped+softmax1, gated+softmax1.")] = "softmax",
     gamma: Annotated[float, _opt("--gamma", help="Clipped softmax lower clip (<= 0).")] = -0.025,
     zeta: Annotated[float, _opt("--zeta", help="Clipped softmax upper stretch (>= 1).")] = 1.0,
     alpha: Annotated[Optional[float], _opt("--alpha", help="Clipped softmax: gamma = -alpha / T, T the keys per row (the paper's form; replaces --gamma). alpha < 1 keeps uniform attention unclipped at initialisation.")] = None,

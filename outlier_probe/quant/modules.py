@@ -124,6 +124,11 @@ class ActQuantizer(nn.Module):
         return f"{self.spec.label('a')} {self.estimator.describe()} {rng} mode={self.mode.value}"
 
 
+def map_input(x: Tensor, input_map: Tensor) -> Tensor:
+    """x * m for a (in,) scale vector, x @ m for an (in, in) matrix (quant/mitigations' online maps)."""
+    return x * input_map.to(x.dtype) if input_map.ndim == 1 else x @ input_map.to(x.dtype)
+
+
 def quantize_weight(
     weight: Tensor, spec: QuantSpec, estimator: Estimator | str | RangeEstimator = Estimator.minmax
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,6 +215,7 @@ class QuantLinear(nn.Module):
         w_zero_point: Tensor | None,
         input_quantizer: ActQuantizer | None = None,
         output_quantizer: ActQuantizer | None = None,
+        input_map: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -220,6 +226,8 @@ class QuantLinear(nn.Module):
         self.w_spec, self._w_estimator = w_spec, w_estimator
         self.input_quantizer = input_quantizer
         self.output_quantizer = output_quantizer
+        # a fixed map applied before the input quantizer (online smoothing / rotation, quant/mitigations)
+        self.register_buffer("input_map", None if input_map is None else input_map.detach().clone())
 
     @classmethod
     def from_module(
@@ -241,9 +249,11 @@ class QuantLinear(nn.Module):
             raise TypeError(f"QuantLinear wraps nn.Linear or transformers Conv1D, got {type(module).__name__}")
         with _materialized(module):  # an offloaded module: its weights, loaded for the copy
             weight = module.weight.detach().t() if isinstance(module, Conv1D) else module.weight.detach()  # Conv1D: (in, out)
+            input_map = getattr(module, "input_map", None)
             if w_spec is None:
                 return cls(weight.clone().contiguous(), module.bias, w_spec=None, w_estimator="", w_scale=None,
-                           w_zero_point=None, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
+                           w_zero_point=None, input_quantizer=input_quantizer, output_quantizer=output_quantizer,
+                           input_map=input_map)
             est = _as_estimator(w_estimator, w_spec)
             wq, scale, zero_point = quantize_weight(weight, w_spec, est)
             return cls(
@@ -255,9 +265,12 @@ class QuantLinear(nn.Module):
                 w_zero_point=zero_point,
                 input_quantizer=input_quantizer,
                 output_quantizer=output_quantizer,
+                input_map=input_map,
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_map is not None:
+            x = map_input(x, self.input_map)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         y = F.linear(x, self.weight, self.bias)

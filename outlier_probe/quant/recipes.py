@@ -49,6 +49,7 @@ class QuantConfig:
     percentile: float = 99.999
     momentum: float = 0.9
     calib_batches: int = 4
+    per_token: bool = False  # activations: dynamic per-token min-max scales instead of a static per-tensor range
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -78,12 +79,18 @@ class QuantConfig:
         from outlier_probe.quant.estimators import make_estimator
 
         spec = self.a_spec()
-        return ActQuantizer(spec, make_estimator(self.a_estimator, spec=spec, momentum=self.momentum, percentile=self.percentile))
+        est = make_estimator(self.a_estimator, spec=spec, momentum=self.momentum, percentile=self.percentile)
+        if self.per_token:
+            from outlier_probe.quant.mitigations.per_token import TokenActQuantizer
+
+            return TokenActQuantizer(spec, est)
+        return ActQuantizer(spec, est)
 
     def describe(self) -> str:
         gran = "per-channel" if self.per_channel else "per-tensor"
+        act = "per-token dynamic" if self.per_token else f"per-tensor {self.a_estimator.value}"
         return (f"{self.recipe.value}: W{self.w_bits} sym {gran} {self.w_estimator.value}, "
-                f"A{self.a_bits} asym per-tensor {self.a_estimator.value}")
+                f"A{self.a_bits} asym {act}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from outlier_probe.loading import LoadedModel, load_model
 from outlier_probe.offload import execution_device
 from outlier_probe.quant.keep import KeepFloat
 from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, iter_act_quantizers, set_mode
+from outlier_probe.quant.mitigations.apply import AGranularity, Mitigation, apply_mitigation
 from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quant_points, quantize_model
 from outlier_probe.stats.hooks import observe
 from outlier_probe.stats.observer import OutlierObserver
@@ -38,6 +39,8 @@ class QuantizeConfig:
     metric: MetricName | None = None
     site_stats: bool = True  # kurtosis / inf-norm next to each site's SQNR
     keep_float: KeepFloat | None = None  # quantization points left in float (a sensitivity plan or patterns)
+    mitigations: tuple[Mitigation, ...] = ()  # runs next to each recipe's plain W8A8 (always run: the baseline)
+    mitigation_stats: bool = False  # also measure outlier statistics of each transformed float model (compare)
 
 
 @dataclass
@@ -47,6 +50,10 @@ class RunResult:
     quant_score: Score
     recipe: QuantConfig | None
     sites: list[dict[str, Any]] = field(default_factory=list)
+    mitigation: str = "plain"
+    transformed_float: float = math.nan  # the mitigated float model's score (= float for exact transforms)
+    gap_closed: float = math.nan  # (plain gap - this gap) / plain gap, gaps = degradation from float
+    details: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         f, q = self.float_score.value, self.quant_score.value
@@ -65,6 +72,9 @@ class RunResult:
             "w_estimator": r.w_estimator.value if r else "llm.int8",
             "a_estimator": r.a_estimator.value if r else "dynamic (threshold 6.0)",
             "description": r.describe() if r else "bitsandbytes LLM.int8: Linear8bitLt, threshold 6.0, fp16 outlier columns",
+            "mitigation": self.mitigation,
+            "transformed_float": self.transformed_float,
+            "gap_closed": self.gap_closed,
         }
 
 
@@ -210,6 +220,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         return run_forecast_quantize(cfg, None, progress)  # every test window of the --data CSV
     for recipe in cfg.recipes if cfg.keep_float else ():
         check_keep_float(loaded, recipe, cfg.keep_float)
+    check_mitigations(loaded.model, cfg.mitigations)
     torch.manual_seed(cfg.data.seed)
     image_size = getattr(loaded.model.config, "image_size", None)
     batches = batches_for_model(loaded.processor, loaded.info, cfg.data, image_size)
@@ -243,6 +254,9 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         with SQNRMeter(qsites) as meter:
             q_score = evaluator(qmodel, step(recipe.name))
         meter.merge()
+        del qmodel
+        runs += _mitigated_runs(cfg, loaded, recipe, calib, evaluator, float_score, q_score, step)
+        plain_index = len(runs) - len(cfg.mitigations)
         missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
         if cfg.site_stats and missing:
             found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)
@@ -257,8 +271,8 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
                 "range_min": float(q.quantizer.min_val), "range_max": float(q.quantizer.max_val),
             })
         site_rows.sort(key=lambda r: (math.inf if math.isnan(r["sqnr_db"]) else r["sqnr_db"]))
-        runs.append(RunResult(_run_name(recipe, cfg.recipes), float_score, q_score, recipe, site_rows))
-        del qmodel
+        runs.insert(plain_index, RunResult(_run_name(recipe, cfg.recipes), float_score, q_score, recipe, site_rows,
+                                           transformed_float=float_score.value, gap_closed=0.0))
         gc.collect()
     for backend in cfg.backends:
         if backend is Backend.bnb_int8:
@@ -283,6 +297,54 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         metric_note=METRIC_NOTES[float_score.metric],
         site_summary=summary,
     )
+
+
+def check_mitigations(model: nn.Module, mitigations: tuple[Mitigation, ...]) -> None:
+    """Fail before any work when a mitigation cannot be applied to this model's family (the error says why)."""
+    if any(m.rotate is not None for m in mitigations):
+        arch.rotation_layout(model)
+    if any(m.smoothquant is not None for m in mitigations):
+        arch.smoothing_groups(model)
+
+
+def degradation(float_value: float, quant_value: float, higher_is_better: bool) -> float:
+    """How much quantization lost: float - quantized when higher is better, else quantized - float."""
+    return float_value - quant_value if higher_is_better else quant_value - float_value
+
+
+def gap_closed(plain_loss: float, mitigated_loss: float) -> float:
+    """(plain W8A8 loss - mitigated loss) / plain W8A8 loss: 1 = the float model's score, 0 = no help."""
+    return (plain_loss - mitigated_loss) / plain_loss if plain_loss else math.nan
+
+
+def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfig, calib: Batches,
+                    evaluator: Evaluator, float_score: Score, plain: Score, step: Callable) -> list[RunResult]:
+    """One run per mitigation: transform a copy of the float model, score it in float, quantize, score."""
+    device = next(loaded.model.parameters()).device
+    higher = float_score.metric.higher_is_better
+    plain_loss = degradation(float_score.value, plain.value, higher)
+    cache: dict[str, torch.Tensor] = {}
+    runs = []
+    for mit in cfg.mitigations:
+        model, details = apply_mitigation(loaded.model, mit, calib.batches, lambda m, b: forward(m, b, device),
+                                          cfg.data.seed, cache)
+        mit_recipe = replace(recipe, per_token=mit.a_granularity is AGranularity.per_token)
+        label = f"{_run_name(recipe, cfg.recipes)}+{mit.name}"
+        with torch.inference_mode():
+            transformed = evaluator(model, step(f"{label} float")).value if mit.transforms_weights else float_score.value
+        if cfg.mitigation_stats and mit.transforms_weights:
+            from outlier_probe.stats.run import run_stats
+
+            summary = run_stats(StatsConfig(load=cfg.load, data=cfg.data, plots=False), loaded=replace(loaded, model=model)).summary
+            details["stats"] = {k: summary.get(k) for k in ("avg_kurtosis", "max_inf_norm", "max_inf_norm_block_output")}
+        qmodel, _ = build_calibrated(replace(loaded, model=model), mit_recipe, calib, cfg.keep_float)
+        q_score = evaluator(qmodel, step(label))
+        loss = degradation(float_score.value, q_score.value, higher)
+        runs.append(RunResult(label, float_score, q_score, mit_recipe, mitigation=mit.name, transformed_float=transformed,
+                              gap_closed=gap_closed(plain_loss, loss), details=details))
+        del qmodel, model
+        gc.collect()
+    return runs
 
 
 def _run_name(recipe: QuantConfig, all_recipes: tuple[QuantConfig, ...]) -> str:

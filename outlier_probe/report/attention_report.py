@@ -55,6 +55,10 @@ def attention_document(result: Any) -> dict[str, Any]:
             "definitions": DEFINITIONS, "summary": result.summary(), "layers": layer_rows(result)}
 
 
+NULL_VARIANTS = ("softmax1", "clipped", "softpick", "sink")  # rows may sum to less than 1
+GATE_VARIANTS = ("gated", "sigmoid-gate")
+
+
 def heatmap(result: Any, out: Path) -> Path:
     import numpy as np
 
@@ -64,9 +68,9 @@ def heatmap(result: Any, out: Path) -> Path:
     layers = 1 + max(h.layer for h in result.heads)
     n_heads = 1 + max(h.head for h in result.heads)
     panels = [("first", "sink mass (first token)")]
-    if result.variant in ("softmax1", "clipped"):
+    if result.variant in NULL_VARIANTS:
         panels.append(("null", "null mass 1 - sum p"))
-    if result.variant == "gated":
+    if result.variant in GATE_VARIANTS:
         panels.append(("gate_closed", "closed gate 1 - sigmoid(G)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 + 0.35 * n_heads * len(panels), 1.5 + 0.35 * layers), squeeze=False)
     for ax, (field, title) in zip(axes[0], panels):
@@ -105,8 +109,10 @@ def _mean(xs: list[float]) -> float:
 
 def heads_table(result: Any) -> Table:
     """One row per layer: means over its heads, and its most sink-prone head."""
-    extra = "null" if result.variant in ("softmax1", "clipped") else "gate_closed" if result.variant == "gated" else None
-    table = Table(title=f"{result.model['name']}: attention per layer ({result.variant}; means over heads)")
+    extra = "null" if result.variant in NULL_VARIANTS else "gate_closed" if result.variant in GATE_VARIANTS else None
+    # collapsed padding: eight 8-character numbers (0.008583) must still fit 80 columns
+    table = Table(title=f"{result.model['name']}: attention per layer ({result.variant}; means over heads)",
+                  collapse_padding=True, pad_edge=False)
     cols = ["layer", "first", "special", "delim", "entropy", "sink", "top head"] + ([extra.replace("_closed", "")] if extra else [])
     for c in cols:
         table.add_column(c, justify="right", no_wrap=True)

@@ -169,6 +169,13 @@ def command_line(result: CompareResult) -> str:
         parts.append("--no-quantize")
     if not s.get("attention", True):
         parts.append("--no-attention")
+    if s.get("mitigation_table"):
+        parts.append("--mitigations")
+        given = s.get("mitigations") or []
+        alphas = [str(m["smoothquant"]) for m in given if m.get("smoothquant") is not None]
+        parts += ["--smoothquant", ",".join(alphas)] if alphas else []
+        parts += ["--rotate", "hadamard"] if any(m.get("rotate") for m in given) else []
+        parts += ["--a-granularity", "per-token"] if any(m.get("a_granularity") == "per-token" for m in given) else []
     parts += ["--dtype", load["dtype"], "--device", load["device"]]
     if load["trust_remote_code"]:
         parts.append("--trust-remote-code")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from outlier_probe.report.stats_report import SHORT_KIND
 from outlier_probe.stats.summary import DEFINITIONS
 
 RUN_COLUMNS = ["run", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
-               "w_bits", "a_bits", "per_channel", "w_estimator", "a_estimator", "description"]
+               "w_bits", "a_bits", "per_channel", "w_estimator", "a_estimator", "description",
+               "mitigation", "transformed_float", "gap_closed"]
 SITE_COLUMNS = ["run", "site", "kind", "layer", "sqnr_db", "paper_kurtosis", "paper_inf_norm", "range_min", "range_max"]
 
 
@@ -46,6 +48,8 @@ def write_quantize_report(result: Any, out: Path) -> dict[str, Path]:
 def runs_table(result: Any) -> Table:
     rows = result.rows()
     metric = rows[0]["metric"] if rows else ""
+    if any(r["mitigation"] != "plain" for r in rows):
+        return mitigation_table(result)
     table = Table(title=f"{result.model['name']}: float vs quantized {metric}", caption=result.metric_note)
     table.add_column("run", overflow="fold")
     table.add_column("recipe", overflow="fold")
@@ -79,3 +83,21 @@ def sites_tables(result: Any, limit: int = 15) -> list[Table]:
                           compact(s["paper_inf_norm"]))
         tables.append(table)
     return tables
+
+
+def mitigation_table(result: Any) -> Table:
+    """Plain W8A8 and each mitigation: float (of the transformed model), quantized, gap closed."""
+    rows = result.rows()
+    metric = rows[0]["metric"] if rows else ""
+    table = Table(title=f"{result.model['name']}: W8A8 {metric} with mitigations",
+                  caption="gap closed = (plain W8A8 loss - mitigated loss) / plain W8A8 loss; "
+                          "loss = degradation from the float score; recipes in quantize.csv")
+    for col in ("run", "float", "quantized", "gap closed"):
+        table.add_column(col, justify="left" if col == "run" else "right", overflow="fold" if col == "run" else None,
+                         no_wrap=col != "run")
+    for r in rows:
+        closed = r["gap_closed"]
+        style = "green" if closed > 0.05 else ("red" if closed < -0.05 else "yellow")
+        table.add_row(r["run"], compact(r["transformed_float"]), compact(r["quantized"]),
+                      "-" if math.isnan(closed) else f"[{style}]{percent(closed, signed=True)}[/]")
+    return table

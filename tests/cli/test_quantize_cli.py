@@ -115,7 +115,7 @@ def test_a_run_writes_the_documented_reports(tiny_checkpoint: Callable[..., Path
     recipes = doc["settings"]["recipes"]
     assert [r["recipe"] for r in recipes] == ["paper", "linear"]
     assert recipes[0] == {"recipe": "paper", "w_bits": 8, "a_bits": 8, "per_channel": False, "w_estimator": "minmax",
-                          "a_estimator": "running_minmax", "percentile": 99.999, "momentum": 0.9, "calib_batches": 2}
+                          "a_estimator": "running_minmax", "percentile": 99.999, "momentum": 0.9, "calib_batches": 2, "per_token": False}
     assert doc["settings"]["backends"] == ["bnb-int8"] and doc["settings"]["data"]["samples"] == 8
     assert doc["calibration"]["batches"] == 2 and doc["calibration"]["offset"] == 8
     assert [r["run"] for r in doc["runs"]] == ["paper", "linear", "bnb-int8"]

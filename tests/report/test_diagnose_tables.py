@@ -47,3 +47,13 @@ def test_attention_tables_fit_80_columns() -> None:
         result = SimpleNamespace(model={"name": "m"}, variant=variant, heads=heads, layers=[finding])
         _render(heads_table(result))
         _render(massive_table(result))
+
+
+def test_heads_table_fits_80_columns_with_long_small_numbers() -> None:
+    """Real means such as 0.008583 take 8 characters; softpick / sink / sigmoid-gate add a ninth column."""
+    heads = [HeadStats(layer, head, 4096, 0.008583, 0.001225, 0.009624, 1.18432, 0.03125, 0.004738, 0.004738)
+             for layer in range(12) for head in range(12)]
+    for variant in ("softpick", "sink", "sigmoid-gate", "softmax1"):
+        result = SimpleNamespace(model={"name": "opt-softpick"}, variant=variant, heads=heads, layers=[])
+        text = _render(heads_table(result))
+        assert "0.008583" in text and "0.004738" in text

@@ -41,14 +41,19 @@ def _stats_result() -> SimpleNamespace:
                            data=data)
 
 
-def _quant_result() -> SimpleNamespace:
+def _quant_result(mitigated: bool = False) -> SimpleNamespace:
     rows = [
         {"run": "paper", "metric": "perplexity", "higher_is_better": False, "float": 19234.567, "quantized": 1.2345e7,
-         "abs_change": 1.2345e7 - 19234.567, "rel_change": 640.8,
-         "description": "paper: W8 sym per-channel minmax, A8 asym per-tensor running_minmax"},
+         "abs_change": 1.2345e7 - 19234.567, "rel_change": 640.8, "mitigation": "plain", "transformed_float": 19234.567,
+         "gap_closed": 0.0, "description": "paper: W8 sym per-channel minmax, A8 asym per-tensor running_minmax"},
         {"run": "linear-percentile", "metric": "perplexity", "higher_is_better": False, "float": 15.93, "quantized": 15.87,
-         "abs_change": -0.06, "rel_change": -0.0037, "description": "linear: W4 sym per-tensor mse, A16 percentile"},
+         "abs_change": -0.06, "rel_change": -0.0037, "mitigation": "plain", "transformed_float": 15.93, "gap_closed": 0.0,
+         "description": "linear: W4 sym per-tensor mse, A16 percentile"},
     ]
+    if mitigated:  # quantize --smoothquant / --a-granularity: the runs table becomes the mitigation table
+        rows += [{**rows[0], "run": f"paper+smoothquant-{a}", "mitigation": f"smoothquant-{a}", "quantized": 1.2345e7 / (i + 2),
+                  "transformed_float": 19234.5671234, "gap_closed": -4.153 + i} for i, a in enumerate((0.3, 0.85))]
+        rows.append({**rows[0], "run": "paper+per-token-with-a-long-name", "mitigation": "per-token", "gap_closed": 0.81234567})
     sites = [{"site": f"{LONG_SITE}.{i}", "kind": KINDS[i % len(KINDS)], "sqnr_db": -123.456 + 10 * i,
               "paper_kurtosis": 40284.26 * 10**i, "paper_inf_norm": 218.29 * 10**i} for i in range(15)]
     runs = [SimpleNamespace(run=r["run"], sites=sites) for r in rows]
@@ -102,6 +107,7 @@ def _tables() -> dict[str, Table]:
         "stats: inf-norm per layer": inf,
         "stats: summary": stats_report.summary_table(stats),
         "quantize: runs": quant_report.runs_table(quant),
+        "quantize: runs with mitigations": quant_report.runs_table(_quant_result(mitigated=True)),
         "quantize: sites (first run)": site_tables[0],
         "quantize: sites (second run)": site_tables[1],
         **{f"compare: {n} models": compare_report.compare_table(_compare_result(n), width=80) for n in (2, 3, 5)},

@@ -1,0 +1,98 @@
+"""SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights, function-preserving.
+
+Per input channel j of the Linears reading one tensor X,
+
+    s_j = max|X_j|^alpha / max_consumers max_i |W_ij|^(1 - alpha)      (clamped below at 1e-5)
+
+X is divided by s (folded into the norm / source Linear before it, or applied at the consumer's input
+when the norm also feeds the residual stream, as in post-norm BERT) and each consumer's column j is
+multiplied by s_j, so the float model computes the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from outlier_probe import arch
+from outlier_probe.quant.mitigations.linear import InputMappedLinear
+
+MIN_SCALE = 1e-5  # the reference implementation's clamp
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The weight as (out, in), a view: nn.Linear stores it so, transformers' Conv1D (GPT-2) transposed."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+@torch.inference_mode()
+def input_absmax(model: nn.Module, names: Iterable[str], batches: Iterable[dict[str, Tensor]],
+                 run: Callable[[nn.Module, dict[str, Tensor]], object]) -> dict[str, Tensor]:
+    """max |x_j| per input channel of each named module over the batches (one running max per module)."""
+    found: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            found[name] = torch.maximum(found[name], x) if name in found else x
+        return fn
+
+    try:
+        for name in dict.fromkeys(names):
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+        for batch in batches:
+            run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
+    """s = max|X|^alpha / max|W|^(1 - alpha) per input channel (weights as (out, in))."""
+    w_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0).clamp(min=MIN_SCALE)
+    return (act_absmax.float().pow(alpha) / w_absmax.pow(1.0 - alpha)).clamp(min=MIN_SCALE)
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, act_absmax: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """Apply SmoothQuant in place on `model` (a copy the caller owns); returns the scales per group."""
+    scales: dict[str, Tensor] = {}
+    for group in arch.smoothing_groups(model):
+        consumers = [model.get_submodule(c) for c in group.consumers]
+        xmax = act_absmax[group.consumers[0]]
+        s = smoothing_scales(xmax, [weight_matrix(c) for c in consumers], alpha)
+        scales[group.consumers[0]] = s
+        for name, c in zip(group.consumers, consumers):
+            w = weight_matrix(c)
+            if group.fold == "online":
+                if not isinstance(c, nn.Linear):
+                    raise TypeError(f"online smoothing needs nn.Linear consumers, {name} is {type(c).__name__}")
+                _set(model, name, InputMappedLinear.from_linear(c, w * s.to(w.dtype), (1.0 / s).to(w.dtype)))
+            else:
+                w.mul_(s.to(w.dtype))
+        if group.fold == "norm":
+            norm = model.get_submodule(group.source)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.div_(s.to(norm.bias.dtype))
+        elif group.fold == "rows":
+            src = model.get_submodule(group.source)
+            w = weight_matrix(src)
+            w.div_(s.to(w.dtype)[:, None])
+            if src.bias is not None:
+                src.bias.div_(s.to(src.bias.dtype))
+    return scales
+
+
+def smoothed_consumers(model: nn.Module) -> list[str]:
+    """Every Linear whose input maximum smoothing needs."""
+    return [c for g in arch.smoothing_groups(model) for c in g.consumers[:1]]
