@@ -4,14 +4,13 @@ metric. Evaluation uses every test window unless --samples limits it."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from outlier_probe import arch
-from outlier_probe.config import DataConfig, ObserverConfig, StatsConfig
+from outlier_probe.config import DataConfig, StatsConfig
 from outlier_probe.data import Batches
 from outlier_probe.errors import UsageError
 from outlier_probe.evaluation import METRIC_NOTES, MetricName, Score
@@ -78,8 +77,8 @@ def run_forecast_stats(cfg: StatsConfig, samples: int | None, progress: Progress
 
 def run_forecast_quantize(cfg: Any, samples: int | None, progress: Callable[[int, int, str], None] | None = None) -> Any:
     from outlier_probe.forecast.quant import calibrate_forecaster, quantize_forecaster
-    from outlier_probe.quant.run import QuantizeResult, RunResult, SQNRMeter, _stats_sites
-    from outlier_probe.stats.run import measure_sites, settings_of
+    from outlier_probe.quant.run import QuantizeResult, RunResult, SQNRMeter, sqnr_site_rows
+    from outlier_probe.stats.run import settings_of
     from outlier_probe.stats.summary import summarize
 
     loaded = load_forecaster(cfg.load.source, cfg.load.device.resolve(), cfg.load.attention)
@@ -95,18 +94,7 @@ def run_forecast_quantize(cfg: Any, samples: int | None, progress: Callable[[int
         calib = calibrate_forecaster(qmodel, x_tr[idx].to(loaded.device), recipe, bs)
         with SQNRMeter(qsites) as meter:
             q_score = score_of(qmodel, x, y, bs)
-        missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
-        if cfg.site_stats and missing:
-            found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)
-            site_stats.update({r.site.name: r.stats for r in found})
-        rows = []
-        for q in qsites:
-            st = site_stats.get(q.stats_site or "")
-            rows.append({"site": q.name, "kind": q.kind, "layer": q.layer, "sqnr_db": meter.sqnr_db(q.name),
-                         "paper_kurtosis": st.paper_kurtosis if st else math.nan,
-                         "paper_inf_norm": st.paper_inf_norm if st else math.nan,
-                         "range_min": float(q.quantizer.min_val), "range_max": float(q.quantizer.max_val)})
-        rows.sort(key=lambda r: (math.inf if math.isnan(r["sqnr_db"]) else r["sqnr_db"]))
+        rows = sqnr_site_rows(cfg, loaded, batches, qsites, meter, site_stats)
         runs.append(RunResult(recipe.name, float_score, q_score, recipe, rows))
     summary = summarize([{"site": k, "kind": "", "layer": None, **v.to_row()} for k, v in site_stats.items()]) if site_stats else None
     note = METRIC_NOTES[MetricName.forecast_mse] + (

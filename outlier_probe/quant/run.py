@@ -211,6 +211,29 @@ def _stats_sites(model: nn.Module, qsites: list[QuantSite]) -> list[arch.Site]:
     return out
 
 
+def sqnr_site_rows(cfg: QuantizeConfig, loaded: LoadedModel, batches: Batches, qsites: list[QuantSite],
+                   meter: SQNRMeter, site_stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per quantized site, lowest SQNR first, next to the float statistics of its activation.
+
+    `site_stats` (site name -> observer result) is completed in place with the sites it lacks.
+    """
+    missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
+    if cfg.site_stats and missing:
+        found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)
+        site_stats.update({r.site.name: r.stats for r in found})
+    rows = []
+    for q in qsites:
+        st = site_stats.get(q.stats_site or "")
+        rows.append({
+            "site": q.name, "kind": q.kind, "layer": q.layer, "sqnr_db": meter.sqnr_db(q.name),
+            "paper_kurtosis": st.paper_kurtosis if st else math.nan,
+            "paper_inf_norm": st.paper_inf_norm if st else math.nan,
+            "range_min": float(q.quantizer.min_val), "range_max": float(q.quantizer.max_val),
+        })
+    rows.sort(key=lambda r: (math.inf if math.isnan(r["sqnr_db"]) else r["sqnr_db"]))
+    return rows
+
+
 def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> QuantizeResult:
     """The whole `quantize` job: float score, then for each recipe / backend a calibrated quantized score."""
     loaded = loaded or load_model(cfg.load)
@@ -257,20 +280,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         del qmodel
         runs += _mitigated_runs(cfg, loaded, recipe, calib, evaluator, float_score, q_score, step)
         plain_index = len(runs) - len(cfg.mitigations)
-        missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
-        if cfg.site_stats and missing:
-            found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)
-            site_stats.update({r.site.name: r.stats for r in found})
-        site_rows = []
-        for q in qsites:
-            st = site_stats.get(q.stats_site or "")
-            site_rows.append({
-                "site": q.name, "kind": q.kind, "layer": q.layer, "sqnr_db": meter.sqnr_db(q.name),
-                "paper_kurtosis": st.paper_kurtosis if st else math.nan,
-                "paper_inf_norm": st.paper_inf_norm if st else math.nan,
-                "range_min": float(q.quantizer.min_val), "range_max": float(q.quantizer.max_val),
-            })
-        site_rows.sort(key=lambda r: (math.inf if math.isnan(r["sqnr_db"]) else r["sqnr_db"]))
+        site_rows = sqnr_site_rows(cfg, loaded, batches, qsites, meter, site_stats)
         runs.insert(plain_index, RunResult(_run_name(recipe, cfg.recipes), float_score, q_score, recipe, site_rows,
                                            transformed_float=float_score.value, gap_closed=0.0))
         gc.collect()
