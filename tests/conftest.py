@@ -333,3 +333,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def isolated_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """A CLI test's working folder is its own temp folder (a default --out lands there, never in the
+    repository), with one torch thread."""
+    monkeypatch.chdir(tmp_path)

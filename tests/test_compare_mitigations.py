@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -21,13 +20,7 @@ runner = CliRunner()
 SMALL = ["--samples", "4", "--seq-len", "32", "--batch-size", "4", "--calib-batches", "1", "--no-plots", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.chdir(tmp_path)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("isolated_run")  # tests/conftest.py: temp working folder, one thread
 
 
 def test_one_table_of_mitigations_and_variants(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:

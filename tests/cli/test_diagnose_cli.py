@@ -20,13 +20,7 @@ SMALL = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
 RECIPE = ["--calib-batches", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.chdir(tmp_path)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("isolated_run")  # tests/conftest.py: temp working folder, one thread
 
 
 def invoke(*args: Any) -> Any:

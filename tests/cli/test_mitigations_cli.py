@@ -4,11 +4,10 @@ and exit 2 with nothing written; a run writes plain + one row per mitigation wit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from outlier_probe.cli.main import app
@@ -17,13 +16,7 @@ runner = CliRunner()
 SMALL = ["--samples", "4", "--seq-len", "32", "--batch-size", "4", "--calib-batches", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.chdir(tmp_path)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("isolated_run")  # tests/conftest.py: temp working folder, one thread
 
 
 @pytest.mark.parametrize(("family", "args", "message"), [

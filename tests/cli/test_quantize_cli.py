@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from outlier_probe.cli.main import app
@@ -25,13 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--samples", "8", "--seq-len", "32", "--batch-size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.chdir(tmp_path)  # a default --out would land here, never in the repository
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("isolated_run")  # tests/conftest.py: temp working folder, one thread
 
 
 def quantize(*args: Any) -> Any:
