@@ -12,12 +12,25 @@ import typer
 from outlier_probe import interrupts
 from outlier_probe.errors import Interrupted, ProbeError
 
+class _Group(typer.core.TyperGroup):
+    """Lists each command with its whole first sentence, wrapped to the width (click would cut it with '...')."""
+
+    def format_commands(self, ctx, formatter) -> None:  # noqa: ANN001 - click's signature
+        rows = [(name, cmd.get_short_help_str(limit=10**6)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 app = typer.Typer(
     name="outlier-probe",
+    cls=_Group,
     help="Measure activation outliers of transformer checkpoints, their W8A8 quantization loss, and gate CI on them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # a traceback must never print whole tensors
+    rich_markup_mode=None,  # plain click help: wraps option names and defaults at 80 columns, never cuts them
 )
 
 F = TypeVar("F", bound=Callable[..., object])

@@ -19,8 +19,8 @@ from outlier_probe.diagnose.massive import MIN_ABS, MIN_RATIO
 @guarded
 def attention(
     checkpoint: o.Checkpoint = "minilm",
-    massive_abs: Annotated[float, typer.Option("--massive-abs", help="Massive activation: |x| above this...")] = MIN_ABS,
-    massive_ratio: Annotated[float, typer.Option("--massive-ratio", help="...and this many times the median |x|.")] = MIN_RATIO,
+    massive_abs: Annotated[float, typer.Option("--massive-abs", help="Massive activation: |x| above this (and --massive-ratio times the median |x|).")] = MIN_ABS,
+    massive_ratio: Annotated[float, typer.Option("--massive-ratio", help="Massive activation: |x| also above this many times the median |x|.")] = MIN_RATIO,
     top_k: Annotated[int, typer.Option("--top-k", help="Outlier channels kept per block output (as `stats`).")] = 8,
     data: o.DataPath = None,
     dataset: o.Dataset = None,

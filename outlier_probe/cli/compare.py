@@ -17,7 +17,7 @@ from outlier_probe.config import Device, DType
 from outlier_probe.errors import UsageError
 
 Checkpoints = Annotated[list[str], typer.Argument(
-    help="Two or more checkpoints, the first is the baseline. Each is \\[NAME=]PATH\\[@VARIANT]: PATH as for `stats`; "
+    help="Two or more checkpoints, the first is the baseline. Each is [NAME=]PATH[@VARIANT]: PATH as for `stats`; "
          "@VARIANT (softmax, softmax1, clipped, gated, softpick, sigmoid-gate, sink) overrides the attention variant, e.g. ckpt/@softmax1; "
          "NAME= sets the display and sub-folder name. The same PATH may appear twice with different variants "
          "(the names then get the variant as suffix).",

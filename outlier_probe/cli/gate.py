@@ -15,7 +15,7 @@ from outlier_probe.errors import ProbeError, UsageError
 
 EPILOG = (
     "Thresholds: flags win over --config FILE.toml (or the nearest pyproject.toml with a "
-    "\\[tool.outlier-probe.gate] table), which wins over defaults.\n\n"
+    "[tool.outlier-probe.gate] table), which wins over defaults.\n\n"
     "Exit codes: 0 all checks pass; 1 a threshold is exceeded (or a metric worsened beyond "
     "--baseline-tolerance); 2 usage or configuration error (unknown key, wrong type, report missing, "
     "checkpoint could not be measured)."
@@ -27,11 +27,11 @@ EPILOG = (
 def gate(
     checkpoint: Annotated[Optional[str], typer.Argument(help="Checkpoint to measure (folder, GGUF file or hub id); or use --report.", show_default=False)] = None,
     report: Annotated[Optional[list[Path]], typer.Option("--report", help="Check reports that `stats` / `quantize` wrote (no model is loaded). Repeatable.", show_default=False)] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with the gate keys (top level or \\[tool.outlier-probe.gate]); replaces pyproject.toml discovery.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with the gate keys (top level or [tool.outlier-probe.gate]); replaces pyproject.toml discovery.", show_default=False)] = None,
     max_avg_kurtosis: Annotated[Optional[float], typer.Option(help="Max mean paper kurtosis over sites.", show_default=False)] = None,
     max_kurtosis: Annotated[Optional[float], typer.Option(help="Max paper kurtosis of any site.", show_default=False)] = None,
     max_inf_norm: Annotated[Optional[float], typer.Option(help="Max paper inf-norm of any site (of --site-kind, if given).", show_default=False)] = None,
-    site_kind: Annotated[Optional[SiteKind], typer.Option(help="Restrict --max-inf-norm to one kind of site.", show_default=False)] = None,
+    site_kind: Annotated[Optional[SiteKind], typer.Option(metavar="KIND", help="Restrict --max-inf-norm to one kind of site: " + ", ".join(k.value for k in SiteKind) + ".", show_default=False)] = None,
     max_outlier_fraction: Annotated[Optional[float], typer.Option(help="Max fraction of |x| > 6 at any site.", show_default=False)] = None,
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="Max quantized - float perplexity (runs quantize).", show_default=False)] = None,
     max_ppl_ratio: Annotated[Optional[float], typer.Option(help="Max quantized / float perplexity (runs quantize).", show_default=False)] = None,
@@ -39,15 +39,15 @@ def gate(
     max_sink_rate: Annotated[Optional[float], typer.Option(help="Max mean attention sink rate over heads (runs attention).", show_default=False)] = None,
     max_massive_ratio: Annotated[Optional[float], typer.Option(help="Max massive-activation ratio top |x| / median |x| (runs attention).", show_default=False)] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Earlier report folder: fail when a metric worsens beyond --baseline-tolerance.", show_default=False)] = None,
-    baseline_tolerance: Annotated[Optional[float], typer.Option(help="Relative worsening allowed against --baseline \\[default: 0.10].", show_default=False)] = None,
+    baseline_tolerance: Annotated[Optional[float], typer.Option(help="Relative worsening allowed against --baseline [default: 0.10].", show_default=False)] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (one test case per check).", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout (no table).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the reports and gate.json \\[default: reports/gate/<name>/, or the report folder].", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the reports and gate.json [default: reports/gate/<name>/, or the report folder].", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option(help="Text file or folder to measure on (as for `stats`).", show_default=False)] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Number of sequences \\[default: 32].", show_default=False)] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence \\[default: 128].", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per batch \\[default: 8].", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Data seed \\[default: 0].", show_default=False)] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Number of sequences [default: 32].", show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence [default: 128].", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per batch [default: 8].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Data seed [default: 0].", show_default=False)] = None,
     attention: Annotated[Optional[AttentionVariant], typer.Option(help="Attention variant to load the model with.", show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow custom modelling code from the checkpoint.")] = False,
 ) -> None:

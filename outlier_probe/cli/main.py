@@ -68,8 +68,11 @@ def _run() -> int:
     try:
         code = app(standalone_mode=False, prog_name="outlier-probe")
     except usage_error as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help, on stdout
+            print(err.format_message())
+            return 2
         message = " ".join(err.format_message().replace("Value error, ", "").split())
-        if not message:  # no arguments at all: the help is already on stdout
+        if not message:
             return 2
         ctx = getattr(err, "ctx", None)
         hint = "" if ctx is None else f" (see: {ctx.command_path} --help)"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from outlier_probe.cli.main import app
+from outlier_probe.cli.main import COMMANDS, app
 
 FAST = ["--samples", "2", "--seq-len", "16", "--batch-size", "2"]
 
@@ -47,3 +47,15 @@ def test_no_cut_cell_at_80_columns(outputs: dict[str, str], command: str) -> Non
     assert "┃" in text or "━" in text or "─" in text, text  # a table was printed
     assert "…" not in text, text
     assert max(len(line) for line in text.splitlines()) <= 80, text
+
+
+@pytest.mark.parametrize("command", [(), *[(name,) for name in COMMANDS]])
+def test_help_at_80_columns_cuts_no_option_name_default_or_summary(command: tuple[str, ...]) -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in result.output and not any(line.rstrip().endswith("...") for line in lines if not line.startswith("Usage:")), result.output
+    assert "\\[" not in result.output  # no Rich escape leaks into plain help
+    if not command:  # the command list names every command with its summary
+        assert all(f"  {name} " in result.output for name in COMMANDS)
