@@ -45,12 +45,12 @@ def run_calls(calls: Sequence[Call], jobs: int, labels: Sequence[str], threads: 
         with _sigint_ignored():  # spawned now: the workers start with SIGINT ignored (no traceback from their imports)
             futures = [pool.submit(fn, *args) for fn, args in calls]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future, label in zip(futures, labels):
-            if future in done and future.exception() is not None:
-                err = future.exception()
-                if isinstance(err, BrokenProcessPool):
-                    raise ProbeError(f"a --jobs worker process died (out of memory or killed?) during {label}") from None
-                raise err
+        failed = [f.exception() for f in futures if f in done and f.exception() is not None]
+        if any(isinstance(err, BrokenProcessPool) for err in failed):  # every unfinished call fails with it
+            unfinished = [label for f, label in zip(futures, labels) if f not in done or f.exception() is not None]
+            raise ProbeError(f"a --jobs worker process died (out of memory or killed?); unfinished: {', '.join(unfinished)}")
+        if failed:
+            raise failed[0]
         results = [f.result() for f in futures]
     except BaseException:
         _stop(pool)
