@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +11,7 @@ from rich.console import Console
 
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.config import AttentionVariant
+from outlier_probe.errors import UsageError
 from outlier_probe.models import Arch
 
 
@@ -26,17 +28,22 @@ def reproduce(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     report_only: Annotated[bool, typer.Option("--report-only", help="stanhop presets: write the report from the runs already finished; train nothing.")] = False,
     preset: Annotated[Optional[str], typer.Option("--preset", help="stanhop-cpu (Table 1 of the OutEffHop paper on ETTh1: 6 variants x 3 seeds, < 1 h on 2 cores) or stanhop-paper (the paper's configuration, GPU scale); --data is the ETTh1 CSV.")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="stanhop presets: train the runs in N processes, one thread each (default: min(2, CPU cores) on CPU, 1 on GPU); results do not depend on N.")] = None,
 ) -> None:
     """Train vanilla / softmax1 / clipped / gated twins per family, compare them, and write README.md with tables and plots."""
     if preset is not None:
         from outlier_probe.forecast.reproduce import ForecastReproduceConfig, run_forecast_reproduction
 
+        device = "cuda" if preset == "stanhop-paper" and _cuda() else "cpu"
+        jobs = jobs or (1 if device == "cuda" else min(2, len(os.sched_getaffinity(0))))
         fcfg = ForecastReproduceConfig(preset=preset, data=data, out=out or Path(f"reports/reproduction-{preset}"),
-                                       device="cuda" if preset == "stanhop-paper" and _cuda() else "cpu", report_only=report_only)
+                                       device=device, report_only=report_only, jobs=jobs)
         console = Console(stderr=True)
         run_forecast_reproduction(fcfg, log=lambda msg: console.print(f"[dim]{msg}[/]"))
         Console().print(f"report: {fcfg.out / 'README.md'}")
         return
+    if jobs is not None:
+        raise UsageError("--jobs applies to --preset stanhop-cpu / stanhop-paper only")
     from outlier_probe.reproduce import ReproduceConfig, run_reproduction
 
     variants = tuple(dict.fromkeys([AttentionVariant.softmax, *variant])) if variant else None  # None: the scale's default

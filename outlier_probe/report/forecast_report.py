@@ -91,24 +91,33 @@ def _train_text(train: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in train.items())
 
 
+def _invocation_text(inv: Mapping[str, Any]) -> str:
+    reused = f", {inv['reused']} finished run(s) reused" if inv.get("reused") else ""
+    return (f"This invocation: {inv['trained']} run(s) trained in {inv['jobs']} process(es){reused}; wall time "
+            f"{inv['wall_s'] / 60:.1f} min, CPU {inv['cpu_s'] / 60:.1f} core-min (user + system, all processes).")
+
+
 def write_forecast_report(out: Path, *, preset: Any, data_desc: dict[str, Any], results: Sequence[dict[str, Any]],
-                          baselines: Mapping[str, Any], paper: Mapping[Any, tuple[float, ...]], command: str, wall_s: float,
-                          missing: Sequence[str] = ()) -> None:
+                          baselines: Mapping[str, Any], paper: Mapping[Any, tuple[float, ...]], command: str,
+                          invocation: Mapping[str, Any], missing: Sequence[str] = ()) -> None:
+    """`invocation`: wall_s and cpu_s of this command (CPU of the process and its workers), jobs, trained, reused."""
     import pandas as pd
 
     variants = list(dict.fromkeys(r["variant"] for r in results))
     write_csv(out / "results.csv", pd.DataFrame([{k: r[k] for k in CSV_COLUMNS} for r in results]))
     write_json(out / "results.json", {"preset": preset.name, "data": data_desc, "results": list(results),
-                                      "baselines": {k: vars(v) for k, v in baselines.items()}, "versions": versions()})
+                                      "baselines": {k: vars(v) for k, v in baselines.items()},
+                                      "invocation": dict(invocation), "versions": versions()})
     paper_by = {getattr(k, "value", k): v for k, v in paper.items()}
     seeds = sorted({r["seed"] for r in results})
     compute_s = sum(float(r.get("train_s", 0)) + float(r.get("eval_s", 0)) for r in results)
+    run_cpu_s = sum(float(r["cpu_s"]) for r in results) if all("cpu_s" in r for r in results) else 0.0
     test_windows = sorted({int(r.get("test_windows", 0)) for r in results})
     lines = [f"# Reproduction: STanHop-Net on ETTh1 (OutEffHop paper, Table 1), preset `{preset.name}`", "",
              "Regenerate with:", "", f"    {command}", "",
              f"Model: {preset.note}; {_model_text(preset.model)}. Training: {_train_text(preset.train)}. Seeds {seeds}. "
-             f"Compute: {compute_s / 60:.1f} min summed over the {len(results)} runs (training + evaluation, one thread each; "
-             f"this invocation's wall time {wall_s / 60:.1f} min, finished runs are reused, not rerun).",
+             f"Compute: {compute_s / 60:.1f} min summed over the {len(results)} runs (training + evaluation, one thread each"
+             + (f", {run_cpu_s / 60:.1f} CPU core-min)" if run_cpu_s else ")") + ". " + _invocation_text(invocation),
              f"Data: {data_desc['data']}, columns {', '.join(data_desc['columns'])}; in_len {data_desc['in_len']}, horizon "
              f"{data_desc['horizon']}; split rows {data_desc['split_rows']}; windows {data_desc['windows']} (stride 1); "
              "values standardised with the training rows' mean and std.",

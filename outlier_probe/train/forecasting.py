@@ -1,21 +1,21 @@
-"""Training a forecaster: epochs over shuffled training windows, Adam, MSE loss, gradient clipping,
-lr halved at fixed epochs (Crossformer / STanHop's `lradj type1`), early stopping on validation MSE
-with patience, the best checkpoint kept (what the paper's recipe does)."""
+"""Training a forecaster on the shared loop (`loop.run`): epochs over shuffled training windows, Adam, MSE
+loss, gradient clipping, lr halved at fixed epochs (Crossformer / STanHop's `lradj type1`), early stopping
+on validation MSE with patience, the best checkpoint kept and restored (what the paper's recipe does)."""
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from outlier_probe.errors import ProbeError, UsageError
+from outlier_probe.errors import UsageError
 from outlier_probe.forecast import model as fmodel
 from outlier_probe.forecast.data import Series, read_series
 from outlier_probe.forecast.metrics import evaluate
+from outlier_probe.train.loop import LoopOptions, LoopState, run
 
 Progress = Callable[[int, int, str], None]
 
@@ -34,7 +34,7 @@ class ForecastTrainConfig:
     val_windows: int | None = None  # the first N validation windows; None: all
     seed: int = 0
     threads: int | None = None
-    time_budget: float | None = None  # seconds; stops after the epoch that crosses it
+    time_budget: float | None = None  # seconds; stops at the step that crosses it (that partial epoch is evaluated)
     device: str = "cpu"
     out: Path | None = None
 
@@ -86,59 +86,62 @@ def _train(cfg: ForecastTrainConfig, series: Series, mcfg: fmodel.StanhopConfig,
     x_va, y_va = (t.to(dev) for t in series.tensors("val", cfg.val_windows))
     model = fmodel.build(mcfg, cfg.seed).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n_epoch = min(cfg.train_windows or x_tr.shape[0], x_tr.shape[0])
-    steps_per_epoch = math.ceil(n_epoch / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    best, best_epoch, best_state, bad, rows, stopped = math.inf, 0, None, 0, [], "epochs"
-    start, step = time.perf_counter(), 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(x_tr.shape[0], generator=gen)[:n_epoch]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        for i in range(0, n_epoch, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size].to(dev)
-            loss = torch.nn.functional.mse_loss(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            loss_sum += loss.detach() * idx.numel()
-            step += 1
-            if progress is not None:
-                progress(step, total, f"epoch {epoch}")
-        val = evaluate(model, x_va, y_va)
-        if not math.isfinite(val.mse):
-            raise ProbeError(f"training diverged in epoch {epoch} (validation MSE {val.mse}); lower --lr")
-        row = {"epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"], "train_mse": float(loss_sum) / n_epoch,
-               "val_mse": val.mse, "val_mae": val.mae, "elapsed_s": round(time.perf_counter() - start, 2)}
-        rows.append(row)
-        if log:
-            log(f"epoch {epoch}: train {row['train_mse']:.4f} val {val.mse:.4f} ({row['elapsed_s']:.0f} s)")
-        if val.mse < best:
-            best, best_epoch, bad = val.mse, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                stopped = "early stopping"
-                break
-        if epoch in cfg.halve_at:
-            for g in opt.param_groups:
-                g["lr"] *= 0.5
-        if cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget:
-            stopped = "time budget"
-            break
-    model.load_state_dict(best_state)
-    model.eval()
-    if cfg.out is not None:
-        from outlier_probe.report.io import write_csv, write_json
+    task = _ForecastTask(cfg, series, model, opt, (x_tr, y_tr), (x_va, y_va), progress, log)
+    opts = LoopOptions(steps=task.steps_per_epoch * cfg.epochs, eval_every=task.steps_per_epoch, time_budget=cfg.time_budget,
+                       grad_clip=cfg.grad_clip, halve_at=cfg.halve_at, metric="val_mse", patience=cfg.patience, keep_best=True)
+    state = run(task, opts)
+    return ForecastTrainResult(cfg.out, tuple(state.rows), state.best_round, state.best, _STOPPED[state.stopped_by],
+                               state.elapsed(), model)
 
-        fmodel.save(model, cfg.out)
+
+_STOPPED = {"steps": "epochs", "early_stopping": "early stopping", "time_budget": "time budget"}
+
+
+class _ForecastTask:
+    """The forecasting task for `loop.run`: a round is an epoch over a fresh random subset of the training
+    windows (one permutation per epoch from a generator seeded by cfg.seed), MSE loss, validation MSE / MAE."""
+
+    def __init__(self, cfg: ForecastTrainConfig, series: Series, model: fmodel.STanHopNet, opt: torch.optim.Optimizer,
+                 train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], progress: Progress | None,
+                 log: Callable[[str], None] | None) -> None:
+        self.cfg, self.series, self.model, self.opt, self.train, self.val = cfg, series, model, opt, train, val
+        self.on_progress, self.log = progress, log
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.n_epoch = min(cfg.train_windows or train[0].shape[0], train[0].shape[0])
+        self.steps_per_epoch = math.ceil(self.n_epoch / cfg.batch_size)
+        self.perm = torch.empty(0, dtype=torch.long)
+
+    def batch(self, step: int) -> torch.Tensor:
+        i = step % self.steps_per_epoch
+        if i == 0:
+            self.perm = torch.randperm(self.train[0].shape[0], generator=self.gen)[: self.n_epoch]
+        return self.perm[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size].to(self.train[0].device)
+
+    def loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x, y = self.train
+        return torch.nn.functional.mse_loss(self.model(x[idx]), y[idx]), idx.numel()
+
+    def evaluate(self, state: LoopState) -> dict[str, Any]:
+        val = evaluate(self.model, *self.val)
+        row = {"epoch": state.rounds, "step": state.step, "lr": self.opt.param_groups[0]["lr"], "train_mse": state.round_loss,
+               "val_mse": val.mse, "val_mae": val.mae, "elapsed_s": round(state.elapsed(), 2)}
+        if self.log:
+            self.log(f"epoch {state.rounds}: train {row['train_mse']:.4f} val {val.mse:.4f} ({row['elapsed_s']:.0f} s)")
+        return row
+
+    def save(self, state: LoopState) -> None:
+        if self.cfg.out is None:
+            return
         import pandas as pd
 
-        write_csv(cfg.out / "train_log.csv", pd.DataFrame(rows))
-        write_json(cfg.out / "training.json", {"settings": cfg.describe(), "data": series.describe(),
-                                                "best_epoch": best_epoch, "best_val_mse": best, "stopped_by": stopped})
-    return ForecastTrainResult(cfg.out, tuple(rows), best_epoch, best, stopped, time.perf_counter() - start, model)
+        from outlier_probe.report.io import write_csv, write_json
+
+        fmodel.save(self.model, self.cfg.out)
+        write_csv(self.cfg.out / "train_log.csv", pd.DataFrame(state.rows))
+        write_json(self.cfg.out / "training.json", {"settings": self.cfg.describe(), "data": self.series.describe(),
+                                                     "best_epoch": state.best_round, "best_val_mse": state.best,
+                                                     "stopped_by": _STOPPED[state.stopped_by]})
+
+    def progress(self, state: LoopState) -> None:
+        if self.on_progress is not None:
+            self.on_progress(state.step, self.cfg.epochs * self.steps_per_epoch, f"epoch {(state.step - 1) // self.steps_per_epoch + 1}")

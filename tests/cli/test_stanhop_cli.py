@@ -97,3 +97,10 @@ def test_stats_with_a_csv_of_other_columns(checkpoint: Path, tmp_path: Path) -> 
     result = cli("reproduce", "--preset", "nope", "--out", tmp_path / "r")
     assert result.exit_code == 2 and "unknown --preset 'nope'" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_jobs_needs_a_preset(tmp_path: Path) -> None:
+    result = cli("reproduce", "--scale", "smoke", "--jobs", "2", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "--jobs applies to --preset" in result.stderr and not (tmp_path / "r").exists()
+    result = cli("reproduce", "--preset", "stanhop-cpu", "--jobs", "0", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()

@@ -48,3 +48,21 @@ def test_tiny_reproduction(tmp_path: Path, preset: str, one_thread: None) -> Non
     logs.clear()
     run_forecast_reproduction(cfg, log=logs.append)
     assert logs and all("reused" in m for m in logs)
+
+
+def test_jobs_give_the_same_results(tmp_path: Path, one_thread: None) -> None:
+    """--jobs 2 (spawned workers, finishing in any order) writes the same results as --jobs 1."""
+    if not ETTH1.is_file():
+        pytest.skip(f"ETTh1 not found at {ETTH1}")
+    frames = []
+    for jobs in (1, 2):
+        cfg = ForecastReproduceConfig(preset="stanhop-cpu", data=ETTH1, out=tmp_path / f"report{jobs}", work=tmp_path / f"work{jobs}",
+                                      shrink=True, variants=(V.softmax, V.softmax1), seeds=(0,), jobs=jobs)
+        run_forecast_reproduction(cfg, log=lambda m: None)
+        frames.append((tmp_path / f"report{jobs}" / "results.csv").read_text())
+        doc = json.loads((tmp_path / f"report{jobs}" / "results.json").read_text())
+        assert doc["invocation"]["jobs"] == jobs and doc["invocation"]["trained"] == 2
+    assert frames[0] == frames[1]
+    assert [r["variant"] for r in json.loads((tmp_path / "report2" / "results.json").read_text())["results"]] == ["softmax", "softmax1"]
+    with pytest.raises(UsageError, match="jobs"):
+        ForecastReproduceConfig(jobs=0)
