@@ -119,10 +119,12 @@ def _layer_of(name: str, blocks: list[str]) -> int | None:
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant = AttentionVariant.softmax,
                    variant_params: dict[str, Any] | None = None,
-                   keep_float: KeepFloat | None = None) -> tuple[nn.Module, list[QuantSite]]:
+                   keep_float: KeepFloat | None = None, *, in_place: bool = False) -> tuple[nn.Module, list[QuantSite]]:
     """A fake-quantized deep copy of `model` (the float model is untouched) and its activation sites.
 
     keep_float: quantization points (quant/keep.py) left in float; the sites returned are the quantized ones.
+    in_place: quantize `model` itself, a copy the caller owns and drops (a mitigation's transformed model):
+    the same result without a second copy of every weight.
     """
     keep = keep_float.keeps if keep_float else (lambda _point: False)
     if cfg.recipe is Recipe.paper and arch.family_of(model) is arch.Family.generic:
@@ -131,7 +133,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, variant: AttentionVariant
             f"--recipe paper needs a known model family to place its attention and residual quantizers; "
             f"model type {model_type!r} is not one (bert, distilbert, gpt2, opt, llama, vit): use --recipe linear"
         )
-    qmodel = copy.deepcopy(model)
+    qmodel = model if in_place else copy.deepcopy(model)
     heads = tuple(arch.head_module_names(qmodel))
     blocks = [n for n, _ in arch.layer_modules(qmodel)]
     sites: list[QuantSite] = []

@@ -119,13 +119,15 @@ def calibrate(qmodel: nn.Module, batches: Batches) -> None:
 
 
 def build_calibrated(loaded: LoadedModel, recipe: QuantConfig, calib: Batches,
-                     keep_float: KeepFloat | None = None) -> tuple[nn.Module, list[QuantSite]]:
+                     keep_float: KeepFloat | None = None, in_place: bool = False) -> tuple[nn.Module, list[QuantSite]]:
     """A quantized copy of the loaded model (points in `keep_float` left in float), ranges calibrated and frozen.
 
     quantize and sensitivity both build every quantized model they score through here, so a plan step
-    and `quantize --keep-float PLAN` are the very same computation.
+    and `quantize --keep-float PLAN` are the very same computation. in_place: the model is a throwaway
+    copy (a mitigation's transform), quantized without copying it again.
     """
-    qmodel, qsites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params, keep_float)
+    qmodel, qsites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params, keep_float,
+                                    in_place=in_place)
     if qsites:
         calibrate(qmodel, calib)
     return qmodel, qsites
@@ -266,8 +268,14 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         raise ProbeError(f"the float model's {float_score.metric.value} is not finite; check the checkpoint")
     runs: list[RunResult] = []
     calib_desc: dict[str, Any] = {}
+    # recipes with the same calibration sequences share their tokenisation and SmoothQuant's input maxima
+    calib_sets: dict[DataConfig, Batches] = {}
+    absmax_caches: dict[DataConfig, dict[str, torch.Tensor]] = {}
     for i, recipe in enumerate(cfg.recipes):
-        calib = batches_for_model(loaded.processor, loaded.info, calibration_config(cfg.data, recipe), image_size)
+        calib_cfg = calibration_config(cfg.data, recipe)
+        if calib_cfg not in calib_sets:
+            calib_sets[calib_cfg] = batches_for_model(loaded.processor, loaded.info, calib_cfg, image_size)
+        calib = calib_sets[calib_cfg]
         calib_desc = {**calib.describe(), "batches": len(calib.batches)}
         qmodel, qsites = first if i == 0 and first is not None else quantize_model(
             loaded.model, recipe, loaded.attention, loaded.attention_params, cfg.keep_float)
@@ -278,7 +286,8 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
             q_score = evaluator(qmodel, step(recipe.name))
         meter.merge()
         del qmodel
-        runs += _mitigated_runs(cfg, loaded, recipe, calib, evaluator, float_score, q_score, step)
+        runs += _mitigated_runs(cfg, loaded, recipe, calib, evaluator, float_score, q_score, step,
+                                absmax_caches.setdefault(calib_cfg, {}))
         plain_index = len(runs) - len(cfg.mitigations)
         site_rows = sqnr_site_rows(cfg, loaded, batches, qsites, meter, site_stats)
         runs.insert(plain_index, RunResult(_run_name(recipe, cfg.recipes), float_score, q_score, recipe, site_rows,
@@ -328,12 +337,15 @@ def gap_closed(plain_loss: float, mitigated_loss: float) -> float:
 
 
 def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfig, calib: Batches,
-                    evaluator: Evaluator, float_score: Score, plain: Score, step: Callable) -> list[RunResult]:
-    """One run per mitigation: transform a copy of the float model, score it in float, quantize, score."""
+                    evaluator: Evaluator, float_score: Score, plain: Score, step: Callable,
+                    cache: dict[str, torch.Tensor]) -> list[RunResult]:
+    """One run per mitigation: transform a copy of the float model, score it in float, quantize, score.
+
+    cache: SmoothQuant's input maxima of the float model on `calib`, measured once for every alpha.
+    """
     device = next(loaded.model.parameters()).device
     higher = float_score.metric.higher_is_better
     plain_loss = degradation(float_score.value, plain.value, higher)
-    cache: dict[str, torch.Tensor] = {}
     runs = []
     for mit in cfg.mitigations:
         model, details = apply_mitigation(loaded.model, mit, calib.batches, lambda m, b: forward(m, b, device),
@@ -347,7 +359,9 @@ def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfi
 
             summary = run_stats(StatsConfig(load=cfg.load, data=cfg.data, plots=False), loaded=replace(loaded, model=model)).summary
             details["stats"] = {k: summary.get(k) for k in ("avg_kurtosis", "max_inf_norm", "max_inf_norm_block_output")}
-        qmodel, _ = build_calibrated(replace(loaded, model=model), mit_recipe, calib, cfg.keep_float)
+        # the transformed copy is not needed after this: quantized in place (no second copy of every weight)
+        qmodel, _ = build_calibrated(replace(loaded, model=model), mit_recipe, calib, cfg.keep_float,
+                                     in_place=mit.transforms_weights)
         q_score = evaluator(qmodel, step(label))
         loss = degradation(float_score.value, q_score.value, higher)
         runs.append(RunResult(label, float_score, q_score, mit_recipe, mitigation=mit.name, transformed_float=transformed,

@@ -16,12 +16,17 @@ class InputMappedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: Tensor, input_map: Tensor) -> InputMappedLinear:
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            if linear.bias is not None:
-                new.bias.copy_(linear.bias)
+        """`weight` (out, in) is taken over, not copied: pass a fresh tensor (the transforms compute one)."""
+        # no nn.Linear.__init__: it would allocate and randomly initialise a matrix overwritten at once
+        # (kaiming_uniform and the copy cost more than the rest of the smoothing transform)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = nn.Parameter(weight.detach().to(linear.weight.device, linear.weight.dtype).contiguous(),
+                                  requires_grad=linear.weight.requires_grad)
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                             requires_grad=linear.bias.requires_grad)
+        new.register_parameter("bias", bias)
         new.register_buffer("input_map", input_map.to(linear.weight.device, linear.weight.dtype))
         return new.train(linear.training)
 

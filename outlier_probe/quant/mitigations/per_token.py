@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from outlier_probe.quant import kernels
 from outlier_probe.quant.modules import ActMode, ActQuantizer
 from outlier_probe.quant.quantizer import SCALE_EPS, QuantSpec
 
@@ -14,8 +15,13 @@ def per_token_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
     """Fake-quantize each row x[..., :] with its own range (0 included, as the per-tensor grid).
 
     The same arithmetic as compute_qparams + fake_quantize (multiply by the float32 reciprocal, round
-    half to even), done in place on one buffer: this runs at every activation site on every forward.
+    half to even): this runs at every activation site on every forward, so float32 CPU tensors take the
+    fused kernel (quant/kernels.py, bit-identical); elsewhere it is done in place on one buffer.
     """
+    if kernels.available(x):
+        out = kernels.per_token_fused(x, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric)
+        if out is not None:
+            return out
     xf = x.detach().float() if x.dtype != torch.float32 else x.detach()
     lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
     qmin, qmax = spec.quant_min, spec.quant_max

@@ -30,21 +30,33 @@ def weight_matrix(module: nn.Module) -> Tensor:
 @torch.inference_mode()
 def input_absmax(model: nn.Module, names: Iterable[str], batches: Iterable[dict[str, Tensor]],
                  run: Callable[[nn.Module, dict[str, Tensor]], object]) -> dict[str, Tensor]:
-    """max |x_j| per input channel of each named module over the batches (one running max per module)."""
+    """max |x_j| per input channel of each named module over the batches (one running max per module).
+
+    Only the backbone runs when every named module lives in it (an LM head over a large vocabulary is
+    a good part of a small model's forward, and nothing smoothing reads comes after it).
+    """
     found: dict[str, Tensor] = {}
     handles = []
+    names = list(dict.fromkeys(names))
+    modules = [model.get_submodule(name) for name in names]
+    backbone = getattr(model, "base_model", model)
+    inside = {id(m) for m in backbone.modules()}
+    runner = backbone if all(id(m) in inside for m in modules) else model
 
     def hook(name: str):  # noqa: ANN202
         def fn(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            found[name] = torch.maximum(found[name], x) if name in found else x
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])
+            # max(max x, -min x) = max |x| exactly, without a full-size |x| temporary
+            m = torch.maximum(torch.amax(rows, dim=0), torch.amin(rows, dim=0).neg_()).float()
+            found[name] = torch.maximum(found[name], m) if name in found else m
         return fn
 
     try:
-        for name in dict.fromkeys(names):
-            handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+        for name, module in zip(names, modules):
+            handles.append(module.register_forward_pre_hook(hook(name)))
         for batch in batches:
-            run(model, batch)
+            run(runner, batch)
     finally:
         for h in handles:
             h.remove()

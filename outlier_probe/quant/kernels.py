@@ -1,0 +1,105 @@
+"""Fused CPU kernel for per-token fake quantization (quant/mitigations/per_token.py).
+
+The torch path costs an aminmax over every row (torch's row-wise aminmax is not vectorised: ~5x an
+amax) and seven elementwise passes (multiply, round, add, clamp, subtract, multiply, and the copy),
+at every activation site of every forward. Here the row ranges come from torch's vectorised amin /
+amax, and one numba pass per row computes the row's scale and zero point and writes the
+fake-quantized row: the same float32 operations in the same order (multiply by the float32
+reciprocal, round half to even, add the zero point, clamp, subtract, multiply), so the result is
+bit-identical to the torch path (tests/quant/test_kernels.py). The pass is serial: it is as fast as
+one copy of the tensor, and a numba parallel region here measured slower than the whole pass
+(its worker threads keep spinning between calls). A row whose range is not finite (inf / NaN) sends the whole
+tensor through the torch path, which has torch's exact NaN propagation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from outlier_probe.stats.kernels import available as _numba_enabled
+
+try:
+    import numba
+    from numba import njit
+except ImportError:  # pragma: no cover - exercised only where numba is unavailable
+    numba = None
+
+
+def available(x: Tensor) -> bool:
+    """True when `x` can take the fused kernel: a float32 CPU tensor, numba on (OUTLIER_PROBE_KERNEL)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and _numba_enabled()
+
+
+if numba is not None:
+
+    @njit(cache=True, boundscheck=False, nogil=True)
+    def _order_key(b):  # pragma: no cover - compiled
+        """float32 bits -> an int32 ordered as the floats are (for non-NaN); its own inverse."""
+        return b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+
+    @njit(cache=True, boundscheck=False, nogil=True)
+    def _per_token(x, bits, out, qmin_i, qmax_i, eps, symmetric):  # pragma: no cover - compiled
+        """x, out (N, C) float32, bits the int32 view of x. Returns the number of rows holding an inf or
+        NaN (their output is then meaningless: the caller uses the torch path)."""
+        n, c = x.shape
+        qmin = np.float32(qmin_i)
+        qmax = np.float32(qmax_i)
+        eps32 = np.float32(eps)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        n_bad = 0
+        key = np.empty(2, dtype=np.int32)  # bit-casts the integer keys back to floats
+        key_f = key.view(np.float32)
+        for r in range(n):
+            row = x[r]
+            rb = bits[r]
+            # the row's min / max on order-preserving integer keys: integer min / max vectorise, float
+            # ones do not (numba), and the row is then still in L1 for the quantizing loop below
+            klo = np.int32(0x7FFFFFFF)
+            khi = np.int32(-0x80000000)
+            nonfinite = np.int32(0)
+            for j in range(c):
+                b = rb[j]
+                k = _order_key(b)
+                klo = min(klo, k)
+                khi = max(khi, k)
+                nonfinite |= np.int32((b & np.int32(0x7FFFFFFF)) >= np.int32(0x7F800000))
+            if nonfinite:
+                n_bad += 1
+                continue
+            key[0] = _order_key(klo)
+            key[1] = _order_key(khi)
+            lo = key_f[0]
+            hi = key_f[1]
+            lo = lo if lo < zero else zero  # the range includes 0, as compute_qparams
+            hi = hi if hi > zero else zero
+            if symmetric:
+                m = -lo if -lo > hi else hi
+                scale = m / qmax
+                scale = scale if scale > eps32 else eps32
+                zp = zero
+            else:
+                scale = (hi - lo) / (qmax - qmin)
+                scale = scale if scale > eps32 else eps32
+                zp = qmin - np.rint(lo / scale)
+                zp = qmax if zp > qmax else zp
+                zp = qmin if zp < qmin else zp
+            inv = one / scale
+            o = out[r]
+            for j in range(c):
+                q = np.rint(row[j] * inv) + zp
+                q = qmin if q < qmin else q
+                q = qmax if q > qmax else q
+                o[j] = (q - zp) * scale
+        return n_bad
+
+
+def per_token_fused(x: Tensor, quant_min: int, quant_max: int, eps: float, symmetric: bool) -> Tensor | None:
+    """Per-row fake quantization of a float32 CPU tensor, or None when a row's range is not finite."""
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(x2)
+    arr = x2.numpy()
+    n_bad = _per_token(arr, arr.view(np.int32), out.numpy(), quant_min, quant_max, eps, symmetric)
+    return None if n_bad else out.view(x.shape)
