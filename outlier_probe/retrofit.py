@@ -27,6 +27,7 @@ from outlier_probe import arch
 from outlier_probe.config import AttentionVariant, DataConfig, Device, LoadConfig
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.loading import LoadedModel
+from outlier_probe.retrofit_head import save_twin, shared_head_for
 from outlier_probe.retrofit_measure import Measurement, measure, probe
 from outlier_probe.retrofit_objective import HeldOut, Objective, held_out_metric, objective_loss, resolve_objective, teacher_targets  # noqa: F401
 from outlier_probe.train import Schedule, TrainConfig, lr_factor
@@ -275,7 +276,7 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
     dev = original.device
     reference = [teacher_targets(original.model, b["input_ids"].to(dev)) for b in held.batches]
     evaluate = held_out_metric(original, held.batches, objective, reference)
-    shared_head, head_info = _shared_head(cfg, original, objective, train_ids, evaluate, log)
+    shared_head, head_info = shared_head_for(cfg.head_steps, cfg.batch_size, original, objective, train_ids, evaluate, log)
     measured = measure(original, held, reference, eval_cfg, evaluate, shared_head)
     teacher = original.model if objective is Objective.distill else None
     twins, starts = [], {}
@@ -307,39 +308,6 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
                 "optimizer": "AdamW", **{k: v for k, v in settings_of(train_config(cfg, 0)).items() if k in ("betas", "weight_decay", "grad_clip", "min_lr_ratio", "schedule")}}
     return RetrofitResult(original.describe(), objective, measured, twins, settings, {"held_out": held.describe(), "train": train.describe()},
                           head_info)
-
-
-def _shared_head(cfg: RetrofitConfig, original: LoadedModel, objective: Objective, train_ids: torch.Tensor, evaluate: HeldOut,
-                 log: Log | None) -> tuple[nn.Module | None, dict[str, Any]]:
-    """mlm-head: the head every twin starts from, trained once on the frozen original; (None, {}) otherwise."""
-    from outlier_probe.retrofit_head import make_head, train_head
-
-    if objective is not Objective.mlm_head:
-        return None, {}
-    head = make_head(original.model, original.processor)
-    if log:
-        log(f"mlm-head: {cfg.head_steps} steps on the frozen backbone")
-    info = train_head(original.model, head, train_ids, original.processor, cfg.head_steps, cfg.batch_size, evaluate, log)
-    head.requires_grad_(False)
-    return head, info
-
-
-def save_twin(twin: LoadedModel, head: nn.Module | None, folder: Path) -> Path:
-    """The twin's checkpoint (weights, tokenizer, variant metadata; any command loads it) and its mlm-head, written
-    to a temporary folder and moved into place whole."""
-    import shutil
-
-    from outlier_probe.loading import save_checkpoint
-    from outlier_probe.retrofit_head import save_head
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(twin.model, tmp, twin.processor)
-    if head is not None:
-        save_head(head, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder.resolve()
 
 
 def _available(cfg: RetrofitConfig, original: LoadedModel, used: int) -> int:

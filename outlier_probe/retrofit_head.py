@@ -129,3 +129,35 @@ def save_head(head: MLMHead, folder: Path) -> Path:
     with atomic_open(path, "wb") as handle:
         handle.write(save({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}))
     return path
+
+
+def shared_head_for(steps: int, batch_size: int, original: Any, objective: Any, train_ids: torch.Tensor, evaluate: Any,
+                    log: Callable[[str], None] | None) -> tuple[MLMHead | None, dict[str, Any]]:
+    """mlm-head: the head every twin starts from, trained once on the frozen original; (None, {}) otherwise."""
+    from outlier_probe.retrofit_objective import Objective
+
+    if objective is not Objective.mlm_head:
+        return None, {}
+    head = make_head(original.model, original.processor)
+    if log:
+        log(f"mlm-head: {steps} steps on the frozen backbone")
+    info = train_head(original.model, head, train_ids, original.processor, steps, batch_size, evaluate, log)
+    head.requires_grad_(False)
+    return head, info
+
+
+def save_twin(twin: Any, head: nn.Module | None, folder: Path) -> Path:
+    """The twin's checkpoint (weights, tokenizer, variant metadata; any command loads it) and its mlm-head, written
+    to a temporary folder and moved into place whole."""
+    import shutil
+
+    from outlier_probe.loading import save_checkpoint
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(twin.model, tmp, twin.processor)
+    if head is not None:
+        save_head(head, tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder.resolve()

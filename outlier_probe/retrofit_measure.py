@@ -73,24 +73,30 @@ def _cosines(hidden: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> to
     return torch.stack([F.cosine_similarity(h, ref[0], dim=-1).double().sum(), F.cosine_similarity(h.mean(1), ref[1], dim=-1).double().sum()])
 
 
-def measure(loaded: LoadedModel, held: Batches, reference: list[tuple[torch.Tensor, torch.Tensor]], eval_cfg: DataConfig,
-            scorer: HeldOut, head: torch.nn.Module | None = None) -> Measurement:
-    """Every figure of one model. One pass over the held-out data feeds the `stats` observers, the `attention`
-    observers, the fidelity to the original and (lm, distill) the objective's metric; the masked objectives need
-    their own masked pass, and W8A8 (`quantize`: calibration, float and quantized evaluations) is separate."""
+@dataclass(frozen=True)
+class HeldOutPass:
+    rows: list[dict[str, Any]]  # stats rows of every default site
+    attention: dict[str, Any]  # the `attention` summary
+    hidden_cosine: float
+    embedding_cosine: float
+    objective_metric: float
+
+
+def held_out_pass(loaded: LoadedModel, held: Batches, reference: list[tuple[torch.Tensor, torch.Tensor]], eval_cfg: DataConfig,
+                  scorer: HeldOut, head: torch.nn.Module | None = None) -> HeldOutPass:
+    """One forward per held-out batch feeds the `stats` observers, the `attention` observers, the fidelity to the
+    original and (lm, distill) the objective's metric; the masked objectives (mlm, mlm-head) score a masked copy
+    of the batches in a pass of their own. No host sync inside the loop."""
     from outlier_probe.diagnose.attention_run import AttentionConfig, AttentionPass
-    from outlier_probe.quant.run import QuantizeConfig, run_quantize
     from outlier_probe.stats.hooks import observe
     from outlier_probe.stats.observer import OutlierObserver
     from outlier_probe.stats.run import site_results
-    from outlier_probe.stats.summary import summarize
 
-    load = LoadConfig(source=loaded.source)
     model, dev = loaded.model, loaded.device
     model.eval()
-    stats_cfg = StatsConfig(load=load)
+    stats_cfg = StatsConfig(load=LoadConfig(source=loaded.source))
     sites = arch.find_sites(model, stats_cfg.sites)
-    attention = AttentionPass(AttentionConfig(load=load, data=eval_cfg), loaded)
+    attention = AttentionPass(AttentionConfig(load=stats_cfg.load, data=eval_cfg), loaded)
     cos, losses, n_tok, n_emb = torch.zeros(2, dtype=torch.float64, device=dev), [], 0, 0
     with torch.inference_mode(), observe(sites, lambda _s: OutlierObserver(stats_cfg.observer)) as observers, attention.hooked():
         for i, (batch, ref) in enumerate(zip(held.batches, reference)):
@@ -104,21 +110,31 @@ def measure(loaded: LoadedModel, held: Batches, reference: list[tuple[torch.Tens
                 losses.append(scorer.batch_loss(out, i))
             del out, hidden
     rows = [r.row() for r in site_results(sites, observers)]
-    att = attention.result(held).summary()
     hidden_cos, emb_cos = (float(x) for x in cos.cpu())
-    s = summarize(rows)
-    blocks = summarize([r for r in rows if r["kind"] == SiteKind.block_output.value])
-    worst = next(r for r in rows if r["site"] == s["max_inf_norm_site"])
+    return HeldOutPass(rows, attention.result(held).summary(), hidden_cos / n_tok, emb_cos / n_emb,
+                       scorer(model, head) if scorer.masked else scorer.finish(losses))
+
+
+def measure(loaded: LoadedModel, held: Batches, reference: list[tuple[torch.Tensor, torch.Tensor]], eval_cfg: DataConfig,
+            scorer: HeldOut, head: torch.nn.Module | None = None) -> Measurement:
+    """Every figure of one model: the shared held-out pass, then W8A8 (`quantize`: calibration, float and quantized
+    evaluations), which is necessarily separate."""
+    from outlier_probe.quant.run import QuantizeConfig, run_quantize
+    from outlier_probe.stats.summary import summarize
+
+    p = held_out_pass(loaded, held, reference, eval_cfg, scorer, head)
+    s = summarize(p.rows)
+    blocks = summarize([r for r in p.rows if r["kind"] == SiteKind.block_output.value])
+    worst = next(r for r in p.rows if r["site"] == s["max_inf_norm_site"])
     top = ";".join(str(worst["top_channels"]).split(";")[:TOP_CHANNELS])
-    q = run_quantize(QuantizeConfig(load=load, data=eval_cfg, site_stats=False), loaded=loaded).rows()[0]
-    higher = bool(q["higher_is_better"])
+    q = run_quantize(QuantizeConfig(load=LoadConfig(source=loaded.source), data=eval_cfg, site_stats=False), loaded=loaded).rows()[0]
+    higher, att = bool(q["higher_is_better"]), p.attention
     return Measurement(
         avg_kurtosis=s["avg_kurtosis"], max_inf_norm=s["max_inf_norm"], max_inf_norm_site=s["max_inf_norm_site"] or "",
         top_channels=top, block_avg_kurtosis=blocks["avg_kurtosis"], block_max_inf_norm=blocks["max_inf_norm"],
         metric=q["metric"], float_score=q["float"], w8a8_score=q["quantized"],
         w8a8_loss=(q["float"] - q["quantized"]) if higher else (q["quantized"] - q["float"]),
-        objective_metric=scorer(model, head) if scorer.masked else scorer.finish(losses),
-        hidden_cosine=hidden_cos / n_tok, embedding_cosine=emb_cos / n_emb,
+        objective_metric=p.objective_metric, hidden_cosine=p.hidden_cosine, embedding_cosine=p.embedding_cosine,
         sink_rate=_f(att["sink_rate"]), first_token_mass=_f(att["first_token_mass"]), null_mass=_f(att["null_mass"]),
         massive_ratio=_f(att["massive_ratio"]),
     )
