@@ -47,6 +47,7 @@ def retrofit_command(
     threads: Annotated[Optional[int], _opt("--threads", help="CPU threads (default: all allowed).")] = None,
     out: o.Out = None,
     save: Annotated[Optional[Path], _opt("--save", help="Folder for every twin's final checkpoint, DIR/<twin>-s<seed>/ (the mlm-head beside it).")] = None,
+    overwrite: Annotated[bool, _opt("--overwrite", help="Replace the retrofit report already in --out (each file atomically, all or none).")] = False,
     resume: Annotated[bool, _opt("--resume", help="Keep the twins an interrupted run finished in --out; run the rest.")] = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -67,8 +68,8 @@ def retrofit_command(
     if data is not None and not Path(data).exists():
         raise UsageError(f"--data {data} does not exist")
     target = check_out_dir(o.default_out(checkpoint, out, "-retrofit"))
-    if not resume and any((target / f).exists() for f in OUTPUTS):
-        raise UsageError(f"{target} already holds a retrofit report; pass --resume or another --out")
+    if not resume and not overwrite and any((target / f).exists() for f in OUTPUTS):
+        raise UsageError(f"{target} already holds a retrofit report; pass --resume, --overwrite or another --out")
     if save is not None:
         ensure_writable_dir(save)
     parts = target / PARTS
