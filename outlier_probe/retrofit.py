@@ -183,8 +183,7 @@ def fine_tune(twin: LoadedModel, teacher: nn.Module | None, train_ids: torch.Ten
     tcfg = train_config(cfg, seed)
     model, dev = twin.model, twin.device
     groups = _param_groups(model, tcfg.weight_decay) + ([{"params": list(head.parameters()), "weight_decay": tcfg.weight_decay}] if head else [])
-    cuda = dev.type == "cuda"  # fused kernels there; multi-tensor on CPU (torch's CPU default is one tensor at a time)
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas, fused=cuda or None, foreach=None if cuda else True)
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas, fused=dev.type == "cuda" or None)  # as train's
     params = [p for g in opt.param_groups for p in g["params"]]
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train_ids), generator=gen) for _ in range(math.ceil(cfg.steps * cfg.batch_size / len(train_ids)))])
