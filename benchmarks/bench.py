@@ -14,6 +14,8 @@ heads      forward with attention probabilities captured and observed (`attentio
            (the model's own kernel keeps computing the output; reported, no target)
 retrofit   a retrofit fine-tuning step (MLM objective) against a `train --from` step of the same model and
            batch, and the softmax1 twin's step against the vanilla control's   target >= 0.95x (speed ratios)
+           (best of alternating rounds); then MiniLM's before / after figures: one shared held-out pass / the
+           four passes (stats, attention, fidelity, objective) it replaced          reported (the saving)
 mitigations  MiniLM: one quantized run (build + calibrate + score) with SmoothQuant 0.5 (its input maxima
            and weight transform included) / the same run plain      target <= 1.2x
            and W8A8 with per-token dynamic activations / float evaluation   target <= 1.3x
