@@ -27,8 +27,9 @@ from outlier_probe import arch
 from outlier_probe.config import AttentionVariant, DataConfig, Device, LoadConfig
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.loading import LoadedModel
+from outlier_probe.retrofit_head import save_twin, shared_head_for
 from outlier_probe.retrofit_measure import Measurement, measure, probe
-from outlier_probe.retrofit_objective import Objective, held_out_metric, objective_loss, resolve_objective, teacher_targets  # noqa: F401 - re-exported
+from outlier_probe.retrofit_objective import HeldOut, Objective, held_out_metric, objective_loss, resolve_objective, teacher_targets  # noqa: F401
 from outlier_probe.train import Schedule, TrainConfig, lr_factor
 
 # Near-vanilla starts (see README "retrofit"): softmax1 has no new parameter (its extra "+1" only matters where
@@ -46,11 +47,12 @@ class Preset:
     warmup: int
     eval_every: int
     eval_samples: int
+    head_steps: int = 200  # mlm-head: steps of head training on the frozen backbone
 
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(steps=60, batch_size=8, seq_len=128, lr=5e-5, warmup=6, eval_every=10, eval_samples=16),
-    "gpu": Preset(steps=2000, batch_size=64, seq_len=256, lr=5e-5, warmup=200, eval_every=100, eval_samples=256),
+    "gpu": Preset(steps=2000, batch_size=64, seq_len=256, lr=5e-5, warmup=200, eval_every=100, eval_samples=256, head_steps=2000),
 }
 
 
@@ -69,6 +71,7 @@ class RetrofitConfig:
     warmup: int | None = None
     eval_every: int | None = None
     eval_samples: int | None = None
+    head_steps: int | None = None
     seeds: tuple[int, ...] = (0,)
     gamma: float = RETROFIT_GAMMA
     gate_init: float = RETROFIT_GATE_INIT
@@ -76,6 +79,7 @@ class RetrofitConfig:
     device: Device = Device.auto
     threads: int | None = None
     out: Path | None = None
+    save: Path | None = None  # each twin's final checkpoint in save/<twin>-s<seed>/ (with the mlm-head next to it)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -86,15 +90,15 @@ class RetrofitConfig:
             set_(self, "device", Device(self.device))
             set_(self, "variants", tuple(dict.fromkeys(AttentionVariant(v) for v in self.variants)))
         except ValueError as err:
-            raise UsageError(f"{err}; --attention takes softmax1, clipped, gated and --objective auto, lm, mlm, distill") from None
+            raise UsageError(f"{err}; --attention takes softmax1, clipped, gated and --objective auto, lm, mlm, distill, mlm-head") from None
         set_(self, "variants", tuple(v for v in self.variants if v is not AttentionVariant.softmax))
         if not self.variants:
             raise UsageError("--attention needs at least one of softmax1, clipped, gated (the vanilla control always runs)")
         base = PRESETS[self.preset]
-        for name in ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_samples"):
+        for name in ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_samples", "head_steps"):
             if getattr(self, name) is None:
                 set_(self, name, getattr(base, name))
-        for name in ("steps", "batch_size", "eval_every", "eval_samples"):
+        for name in ("steps", "batch_size", "eval_every", "eval_samples", "head_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 4 or self.warmup < 0 or not self.lr > 0:
@@ -107,8 +111,9 @@ class RetrofitConfig:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
         if self.data is not None:
             set_(self, "data", Path(self.data))
-        if self.out is not None:
-            set_(self, "out", Path(self.out))
+        for name in ("out", "save"):
+            if getattr(self, name) is not None:
+                set_(self, name, Path(getattr(self, name)))
 
     def params(self, variant: AttentionVariant) -> dict[str, float]:
         return {AttentionVariant.clipped: {"gamma": self.gamma}, AttentionVariant.gated: {"gate_init": self.gate_init}}.get(variant, {})
@@ -128,6 +133,7 @@ class Twin:
     after: Measurement | None = None
     curve: list[dict[str, Any]] = field(default_factory=list)  # step, train_loss, eval_loss, avg_kurtosis, max_inf_norm
     step_s: float = math.nan  # mean seconds per optimizer step (probes and evals excluded)
+    saved: str | None = None  # the final checkpoint's folder (--save)
 
 
 @dataclass
@@ -138,6 +144,7 @@ class RetrofitResult:
     twins: list[Twin]
     settings: dict[str, Any]
     data: dict[str, Any]
+    head: dict[str, Any] = field(default_factory=dict)  # mlm-head: its training and held-out perplexities
 
 
 Log = Callable[[str], None]
@@ -165,16 +172,18 @@ def train_config(cfg: RetrofitConfig, seed: int) -> TrainConfig:
 
 
 def fine_tune(twin: LoadedModel, teacher: nn.Module | None, train_ids: torch.Tensor, probe_batch: dict[str, torch.Tensor],
-              evaluate: Callable[[nn.Module], float], cfg: RetrofitConfig, objective: Objective, seed: int,
-              log: Log | None = None) -> tuple[list[dict[str, Any]], float]:
-    """AdamW fine-tuning of `twin` in place; -> (curve rows, mean seconds per step). Batch s is the s-th slice of
-    a seed-ordered permutation of the training sequences, its MLM mask seeded by (seed, s): identical for every twin."""
+              evaluate: HeldOut, cfg: RetrofitConfig, objective: Objective, seed: int, log: Log | None = None,
+              head: nn.Module | None = None) -> tuple[list[dict[str, Any]], float]:
+    """AdamW fine-tuning of `twin` (and its copy of the mlm-head) in place; -> (curve rows, mean seconds per step).
+    Batch s is the s-th slice of a seed-ordered permutation of the training sequences, its MLM mask seeded by
+    (seed, s): identical for every twin."""
     from outlier_probe.evaluation import mask_for_mlm
     from outlier_probe.train.loop import _param_groups
 
     tcfg = train_config(cfg, seed)
     model, dev = twin.model, twin.device
-    opt = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas, fused=dev.type == "cuda" or None)
+    groups = _param_groups(model, tcfg.weight_decay) + ([{"params": list(head.parameters()), "weight_decay": tcfg.weight_decay}] if head else [])
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas, fused=dev.type == "cuda" or None)  # as train's
     params = [p for g in opt.param_groups for p in g["params"]]
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train_ids), generator=gen) for _ in range(math.ceil(cfg.steps * cfg.batch_size / len(train_ids)))])
@@ -184,7 +193,7 @@ def fine_tune(twin: LoadedModel, teacher: nn.Module | None, train_ids: torch.Ten
     def row(step: int) -> None:
         nonlocal acc, n_acc
         outl = probe(twin, probe_batch)
-        rows.append({"step": step, "train_loss": float(acc) / n_acc if n_acc else math.nan, "eval_loss": evaluate(model), **outl})
+        rows.append({"step": step, "train_loss": float(acc) / n_acc if n_acc else math.nan, "eval_loss": evaluate(model, head), **outl})
         acc, n_acc = torch.zeros((), device=dev), 0
         if log:
             r = rows[-1]
@@ -195,15 +204,17 @@ def fine_tune(twin: LoadedModel, teacher: nn.Module | None, train_ids: torch.Ten
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         model.train()
+        if head is not None:
+            head.train()
         batch = {"input_ids": train_ids[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]}
-        if objective is Objective.mlm:
+        if evaluate.masked:
             batch = mask_for_mlm([batch], twin.processor, seed=(seed + 1) * 2**32 + step)[0]
         batch = {k: v.to(dev) for k, v in batch.items()}
         target = teacher_targets(teacher, batch["input_ids"]) if objective is Objective.distill else None
         for group in opt.param_groups:
             group["lr"] = tcfg.lr * lr_factor(tcfg, step, step / cfg.steps)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = objective_loss(model, batch, objective, target)
+            loss = objective_loss(model, batch, objective, target, head)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip, foreach=True)
         opt.step()
@@ -216,6 +227,8 @@ def fine_tune(twin: LoadedModel, teacher: nn.Module | None, train_ids: torch.Ten
                 raise ProbeError(f"{twin.attention.value} twin diverged at step {step + 1}; lower --lr")
             row(step + 1)
     model.eval()
+    if head is not None:
+        head.eval()
     return rows, seconds / cfg.steps
 
 
@@ -256,13 +269,14 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
     train = text_batches(original.processor, cfg.data_config(n_train, n_eval + n_calib), info.max_positions)
     train_ids = torch.cat([b["input_ids"] for b in train.batches])
     probe_batch = held.batches[0]
-    evaluate = held_out_metric(original, held.batches, objective)
     if log:
         log(f"{original.name}: {info.family.value} {info.task.value}, objective {objective.value}; "
             f"{n_train} training / {n_eval} held-out / {n_calib} calibration sequences of {cfg.seq_len} tokens")
     dev = original.device
     reference = [teacher_targets(original.model, b["input_ids"].to(dev)) for b in held.batches]
-    measured = measure(original, held, reference, eval_cfg, evaluate)
+    evaluate = held_out_metric(original, held.batches, objective, reference)
+    shared_head, head_info = shared_head_for(cfg.head_steps, cfg.batch_size, original, objective, train_ids, evaluate, log)
+    measured = measure(original, held, reference, eval_cfg, evaluate, shared_head)
     teacher = original.model if objective is Objective.distill else None
     twins, starts = [], {}
     done = done or {}
@@ -276,11 +290,14 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
             if log:
                 log(f"{variant.value} (seed {seed})")
             twin = make_twin(original, variant, cfg.params(variant))
+            head = copy.deepcopy(shared_head).requires_grad_(True) if shared_head is not None else None
             torch.manual_seed(seed)
             if variant not in starts:
-                starts[variant] = measured if variant is AttentionVariant.softmax else measure(twin, held, reference, eval_cfg, evaluate)
-            curve, step_s = fine_tune(twin, teacher, train_ids, probe_batch, evaluate, cfg, objective, seed, log)
-            record = Twin(variant, seed, twin.attention_params, starts[variant], measure(twin, held, reference, eval_cfg, evaluate), curve, step_s)
+                starts[variant] = measured if variant is AttentionVariant.softmax else measure(twin, held, reference, eval_cfg, evaluate, head)
+            curve, step_s = fine_tune(twin, teacher, train_ids, probe_batch, evaluate, cfg, objective, seed, log, head)
+            after = measure(twin, held, reference, eval_cfg, evaluate, head)
+            saved = str(save_twin(twin, head, cfg.save / f"{variant.value}-s{seed}")) if cfg.save else None
+            record = Twin(variant, seed, twin.attention_params, starts[variant], after, curve, step_s, saved)
             twins.append(record)
             if on_twin:
                 on_twin(record)
@@ -288,7 +305,8 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
     settings = {**settings_of(cfg), "objective_resolved": objective.value, "device": device, "threads": torch.get_num_threads(),
                 "train_sequences": n_train, "eval_sequences": n_eval, "calibration_sequences": n_calib,
                 "optimizer": "AdamW", **{k: v for k, v in settings_of(train_config(cfg, 0)).items() if k in ("betas", "weight_decay", "grad_clip", "min_lr_ratio", "schedule")}}
-    return RetrofitResult(original.describe(), objective, measured, twins, settings, {"held_out": held.describe(), "train": train.describe()})
+    return RetrofitResult(original.describe(), objective, measured, twins, settings, {"held_out": held.describe(), "train": train.describe()},
+                          head_info)
 
 
 def _available(cfg: RetrofitConfig, original: LoadedModel, used: int) -> int:

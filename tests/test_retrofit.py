@@ -121,3 +121,34 @@ def test_llama_family_and_gguf_start(tiny_checkpoint: Callable[..., Path], tiny_
     result = run_retrofit(tiny_cfg(source, text_file, variants=("softmax1", "gated"), steps=1))
     assert result.objective is Objective.lm and [t.variant.value for t in result.twins] == ["softmax", "softmax1", "gated"]
     assert all(math.isfinite(t.after.w8a8_loss) and t.after.metric == "perplexity" for t in result.twins)
+
+
+def test_one_held_out_pass_equals_the_separate_passes(tiny_checkpoint: Callable[..., Path], text_file: Path) -> None:
+    """The shared pass gives what `stats`, `attention`, the fidelity pass and the objective's own pass give apart."""
+    from outlier_probe.config import DataConfig, StatsConfig
+    from outlier_probe.data import text_batches
+    from outlier_probe.diagnose.attention_run import AttentionConfig, run_attention
+    from outlier_probe.retrofit import held_out_metric, teacher_targets
+    from outlier_probe.retrofit_measure import held_out_pass
+    from outlier_probe.stats.run import measure_sites
+
+    loaded = load_model(LoadConfig(source=str(tiny_checkpoint("gpt2"))))
+    data = DataConfig(path=text_file, samples=4, seq_len=32, batch_size=2)
+    held = text_batches(loaded.processor, data, loaded.info.max_positions)
+    ref = [teacher_targets(loaded.model, b["input_ids"]) for b in held.batches]
+    ref = [(2 * h, 2 * p) for h, p in ref]  # a reference at twice the scale: cosine 1, distillation loss 1/4 + 1/4
+    for objective in (Objective.distill, Objective.lm):
+        scorer = held_out_metric(loaded, held.batches, objective, ref)
+        one = held_out_pass(loaded, held, ref, data, scorer)
+        assert one.objective_metric == pytest.approx(scorer(loaded.model), rel=1e-6)
+    assert one.objective_metric == pytest.approx(held_out_metric(loaded, held.batches, Objective.lm)(loaded.model), rel=1e-6)
+    assert held_out_pass(loaded, held, ref, data, held_out_metric(loaded, held.batches, Objective.distill, ref)).objective_metric == \
+        pytest.approx(0.5, rel=1e-5)
+    assert one.hidden_cosine == pytest.approx(1.0, abs=1e-6) and one.embedding_cosine == pytest.approx(1.0, abs=1e-6)
+    apart = [r.row() for r in measure_sites(loaded, held, StatsConfig(load=LoadConfig(source=loaded.source)))]
+    assert [r["site"] for r in one.rows] == [r["site"] for r in apart]
+    for a, b in zip(one.rows, apart):
+        assert a["paper_kurtosis"] == pytest.approx(b["paper_kurtosis"], rel=1e-9) and a["paper_inf_norm"] == b["paper_inf_norm"]
+    att = run_attention(AttentionConfig(load=LoadConfig(source=loaded.source), data=data), loaded=loaded).summary()
+    for key in ("sink_rate", "first_token_mass", "null_mass", "massive_ratio"):
+        assert one.attention[key] == pytest.approx(att[key], rel=1e-9, nan_ok=True)

@@ -29,7 +29,7 @@ def retrofit_command(
     attention: Annotated[str, _opt("--attention", help="Twins, comma-separated: softmax1, clipped, gated (a vanilla control always runs).")] = "softmax1,clipped,gated",
     data: Annotated[Optional[Path], _opt("--data", help="Text file or folder (default: the built-in English text).")] = None,
     include_files: o.Include = "*.txt",
-    objective: Annotated[str, _opt("--objective", help="auto (the checkpoint's LM / MLM head; distill without a head), lm, mlm, distill.")] = "auto",
+    objective: Annotated[str, _opt("--objective", help="auto (the checkpoint's LM / MLM head; distill without a head), lm, mlm, distill, mlm-head (a head trained first on the frozen encoder, shared by every twin).")] = "auto",
     preset: Annotated[str, _opt("--preset", help="cpu (minutes per twin) or gpu (longer fine-tuning, larger batches).")] = "cpu",
     steps: Annotated[Optional[int], _opt("--steps", help="Optimizer steps per twin (default: the preset's).")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", help="Sequences per step.")] = None,
@@ -38,6 +38,7 @@ def retrofit_command(
     warmup: Annotated[Optional[int], _opt("--warmup", help="Linear warmup steps.")] = None,
     eval_every: Annotated[Optional[int], _opt("--eval-every", help="Steps between curve points (outlier probe + held-out objective).")] = None,
     eval_samples: Annotated[Optional[int], _opt("--eval-samples", help="Held-out sequences for every before / after measurement.")] = None,
+    head_steps: Annotated[Optional[int], _opt("--head-steps", help="mlm-head: steps training the head on the frozen backbone (default: the preset's).")] = None,
     seeds: Annotated[str, _opt("--seeds", help="Seeds, comma-separated: each runs every twin and the control.")] = "0",
     gamma: Annotated[float, _opt("--gamma", help="Clipped softmax lower clip at the start (<= 0).")] = -0.001,
     gate_init: Annotated[float, _opt("--gate-init", help="Gated attention: gate value at the start, in (0, 1).")] = 0.95,
@@ -45,6 +46,8 @@ def retrofit_command(
     device: o.DeviceOpt = Device.auto,
     threads: Annotated[Optional[int], _opt("--threads", help="CPU threads (default: all allowed).")] = None,
     out: o.Out = None,
+    save: Annotated[Optional[Path], _opt("--save", help="Folder for every twin's final checkpoint, DIR/<twin>-s<seed>/ (the mlm-head beside it).")] = None,
+    overwrite: Annotated[bool, _opt("--overwrite", help="Replace the retrofit report already in --out (each file atomically, all or none).")] = False,
     resume: Annotated[bool, _opt("--resume", help="Keep the twins an interrupted run finished in --out; run the rest.")] = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -60,13 +63,15 @@ def retrofit_command(
         raise UsageError(f"--seeds takes integers separated by commas, got {seeds!r}") from None
     cfg = RetrofitConfig(source=checkpoint, variants=tuple(v.strip() for v in attention.split(",") if v.strip()), data=data,
                          include=include_files, objective=objective, preset=preset, steps=steps, batch_size=batch_size,
-                         seq_len=seq_len, lr=lr, warmup=warmup, eval_every=eval_every, eval_samples=eval_samples, seeds=seed_list,
-                         gamma=gamma, gate_init=gate_init, tokenizer=tokenizer, device=device, threads=threads, out=out)
+                         seq_len=seq_len, lr=lr, warmup=warmup, eval_every=eval_every, eval_samples=eval_samples, head_steps=head_steps, seeds=seed_list,
+                         gamma=gamma, gate_init=gate_init, tokenizer=tokenizer, device=device, threads=threads, out=out, save=save)
     if data is not None and not Path(data).exists():
         raise UsageError(f"--data {data} does not exist")
     target = check_out_dir(o.default_out(checkpoint, out, "-retrofit"))
-    if not resume and any((target / f).exists() for f in OUTPUTS):
-        raise UsageError(f"{target} already holds a retrofit report; pass --resume or another --out")
+    if not resume and not overwrite and any((target / f).exists() for f in OUTPUTS):
+        raise UsageError(f"{target} already holds a retrofit report; pass --resume, --overwrite or another --out")
+    if save is not None:
+        ensure_writable_dir(save)
     parts = target / PARTS
     done = _read_parts(parts, cfg) if resume else {}
     console = Console(stderr=True, quiet=quiet)
@@ -99,17 +104,18 @@ def _command(cfg: object, preset: str) -> str:
     if cfg.data is not None:
         parts += ["--data", str(cfg.data), "--include-files", cfg.include]
     parts += ["--objective", cfg.objective.value, "--preset", preset, "--seeds", ",".join(map(str, cfg.seeds))]
-    for name in ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_samples", "gamma", "gate_init", "tokenizer", "threads"):
+    for name in ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_samples", "head_steps", "gamma", "gate_init", "tokenizer", "threads"):
         if getattr(cfg, name) is not None:
             parts += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
-    return " ".join(shlex.quote(p) for p in parts + ["--device", cfg.device.value] + (["--out", str(cfg.out)] if cfg.out else []))
+    return " ".join(shlex.quote(p) for p in parts + ["--device", cfg.device.value] + (["--out", str(cfg.out)] if cfg.out else [])
+                                    + (["--save", str(cfg.save)] if cfg.save else []))
 
 
 def _twin_doc(twin: object, cfg: object) -> dict:
     from outlier_probe.stats.run import settings_of
 
     return {"settings": settings_of(cfg), "variant": twin.variant.value, "seed": twin.seed, "params": twin.params,
-            "before": twin.before.row(), "after": twin.after.row(), "curve": twin.curve, "step_s": twin.step_s}
+            "before": twin.before.row(), "after": twin.after.row(), "curve": twin.curve, "step_s": twin.step_s, "saved": twin.saved}
 
 
 def _read_parts(parts: Path, cfg: object) -> dict:
@@ -125,6 +131,6 @@ def _read_parts(parts: Path, cfg: object) -> dict:
         if {k: v for k, v in doc["settings"].items() if k not in ("seeds", "variants")} != {k: v for k, v in now.items() if k not in ("seeds", "variants")}:
             continue
         twin = Twin(AttentionVariant(doc["variant"]), doc["seed"], doc["params"], Measurement(**doc["before"]),
-                    Measurement(**doc["after"]), doc["curve"], doc["step_s"])
+                    Measurement(**doc["after"]), doc["curve"], doc["step_s"], doc.get("saved"))
         done[(twin.variant.value, twin.seed)] = twin
     return done

@@ -7,8 +7,9 @@ load -> data -> capture attention probabilities through the attention interface 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -111,62 +112,89 @@ def token_classes(tokenizer: Any, vocab: int) -> tuple[torch.Tensor, torch.Tenso
     return special, delimiter
 
 
+class AttentionPass:
+    """The observers of one `attention` pass, fed by forwards the caller runs: `run_attention` below, or retrofit's
+    single measurement pass (stats + attention + fidelity on the same forwards). Use: `with p.hooked(): p.before(batch);
+    forward(...)`, then `p.result(batches)`."""
+
+    def __init__(self, cfg: AttentionConfig, loaded: LoadedModel) -> None:
+        info = loaded.info
+        if info.family is arch.Family.generic:
+            raise UsageError(f"`attention` needs a known family (bert, distilbert, gpt2, opt, llama, vit) to find the "
+                             f"attention modules; model type {info.model_type!r} is not one")
+        self.cfg, self.loaded = cfg, loaded
+        self.modules = arch.attention_modules(loaded.model)
+        self.sites = arch.residual_stream_sites(loaded.model)
+        self.text = not info.is_vision
+        vocab = (info.vocab_size or len(loaded.processor)) if self.text else 1
+        self.special_ids, self.delimiter_ids = token_classes(loaded.processor if self.text else None, vocab)
+        self.heads_obs = AttentionObserver(len(self.modules), vocab)
+        self.massive = {s.name: MassiveObserver(s.layer) for s in self.sites}
+        self.ctx: dict[str, torch.Tensor] = {}
+        self.observers: Any = None
+        self.variant: Any = None
+
+    @contextmanager
+    def hooked(self) -> Iterator["AttentionPass"]:
+        cfg, massive, ctx = self.cfg, self.massive, self.ctx
+
+        class _Both:  # stats' observer (top channels, exactly as `stats`) and the massive-activation tracker
+            def __init__(self, site: arch.Site) -> None:
+                self.stats, self.massive = OutlierObserver(cfg.observer), massive[site.name]
+
+            def update(self, x: torch.Tensor) -> None:
+                self.stats.update(x)
+                self.massive.update(x, ctx["ids"])
+
+        with observe(self.sites, _Both) as observers, \
+                capture_attention(self.loaded.model, self.modules, self.heads_obs.update, self.heads_obs.update_gate) as variant:
+            self.observers, self.variant = observers, variant
+            yield self
+
+    def before(self, batch: dict[str, torch.Tensor]) -> None:
+        """Set the context of the next forward: token ids and classes, validity, batch size."""
+        model, device = self.loaded.model, self.loaded.device
+        b = len(next(iter(batch.values())))
+        if self.text:
+            ids = batch["input_ids"].to(device)
+            valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device).bool()
+        else:
+            t = (model.config.image_size // model.config.patch_size) ** 2 + 1  # patches + [CLS]
+            ids = torch.zeros(b, t, dtype=torch.long, device=device)
+            valid = torch.ones(b, t, dtype=torch.bool, device=device)
+        sp, dl = self.special_ids.to(device)[ids], self.delimiter_ids.to(device)[ids]
+        if not self.text:
+            sp[:, 0] = True  # ViT's [CLS]
+        self.ctx["ids"] = ids
+        self.heads_obs.context = BatchContext(ids, sp, dl, valid)
+        self.observers.batch_size = b
+
+    def result(self, batches: Any) -> AttentionResult:
+        heads = self.heads_obs.result()
+        if not heads:
+            raise ProbeError("no attention probabilities were captured; this model's attention does not go through "
+                             "transformers' AttentionInterface")
+        if any(math.isnan(h.first) or math.isnan(h.entropy) for h in heads):
+            raise ProbeError("non-finite attention probabilities (NaN); check the checkpoint or use --dtype float32")
+        layers = _findings(self.cfg, self.loaded, self.heads_obs, heads, self.massive, self.observers, self.sites,
+                           self.special_ids, self.delimiter_ids, batches.num_sequences)
+        return AttentionResult(self.loaded.describe(), batches.describe(), settings_of(self.cfg), self.variant.value, heads, layers)
+
+
 def run_attention(cfg: AttentionConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> AttentionResult:
     loaded = loaded or load_model(cfg.load)
+    passing = AttentionPass(cfg, loaded)
     model, info = loaded.model, loaded.info
-    if info.family is arch.Family.generic:
-        raise UsageError(f"`attention` needs a known family (bert, distilbert, gpt2, opt, llama, vit) to find the "
-                         f"attention modules; model type {info.model_type!r} is not one")
-    modules = arch.attention_modules(model)
-    sites = arch.residual_stream_sites(model)
     torch.manual_seed(cfg.data.seed)
     batches = batches_for_model(loaded.processor, info, cfg.data, getattr(model.config, "image_size", None))
-    text = not info.is_vision
-    vocab = (info.vocab_size or len(loaded.processor)) if text else 1
-    special_ids, delimiter_ids = token_classes(loaded.processor if text else None, vocab)
-    device = loaded.device
-    heads_obs = AttentionObserver(len(modules), vocab)
-    massive = {s.name: MassiveObserver(s.layer) for s in sites}
-    ctx: dict[str, torch.Tensor] = {}
-
-    class _Both:  # stats' observer (top channels, exactly as `stats`) and the massive-activation tracker
-        def __init__(self, site: arch.Site) -> None:
-            self.stats, self.massive = OutlierObserver(cfg.observer), massive[site.name]
-
-        def update(self, x: torch.Tensor) -> None:
-            self.stats.update(x)
-            self.massive.update(x, ctx["ids"])
-
     total = len(batches.batches)
-    with torch.inference_mode(), observe(sites, _Both) as observers, \
-            capture_attention(model, modules, heads_obs.update, heads_obs.update_gate) as variant:
+    with torch.inference_mode(), passing.hooked():
         for i, batch in enumerate(batches.batches):
-            first = next(iter(batch.values()))
-            b = len(first)
-            if text:
-                ids = batch["input_ids"].to(device)
-                valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device).bool()
-            else:
-                t = (model.config.image_size // model.config.patch_size) ** 2 + 1  # patches + [CLS]
-                ids = torch.zeros(b, t, dtype=torch.long, device=device)
-                valid = torch.ones(b, t, dtype=torch.bool, device=device)
-            sp, dl = special_ids.to(device)[ids], delimiter_ids.to(device)[ids]
-            if not text:
-                sp[:, 0] = True  # ViT's [CLS]
-            ctx["ids"] = ids
-            heads_obs.context = BatchContext(ids, sp, dl, valid)
-            observers.batch_size = b
-            forward(model, batch, device)
+            passing.before(batch)
+            forward(model, batch, loaded.device)
             if progress is not None:
                 progress(i + 1, total)
-    heads = heads_obs.result()
-    if not heads:
-        raise ProbeError("no attention probabilities were captured; this model's attention does not go through "
-                         "transformers' AttentionInterface")
-    if any(math.isnan(h.first) or math.isnan(h.entropy) for h in heads):
-        raise ProbeError("non-finite attention probabilities (NaN); check the checkpoint or use --dtype float32")
-    layers = _findings(cfg, loaded, heads_obs, heads, massive, observers, sites, special_ids, delimiter_ids, batches.num_sequences)
-    return AttentionResult(loaded.describe(), batches.describe(), settings_of(cfg), variant.value, heads, layers)
+    return passing.result(batches)
 
 
 def _findings(cfg: AttentionConfig, loaded: LoadedModel, heads_obs: AttentionObserver, heads: list[HeadStats],

@@ -88,3 +88,34 @@ def training_curves(rows: Sequence[dict[str, Any]], out: Path, title: str = "out
         return write_figure(out, fig, dpi=110)
     finally:
         plt.close(fig)
+
+
+RETROFIT_PANELS = (("eval_loss", "held-out objective"), ("avg_kurtosis", "avg kurtosis, all sites"),
+                   ("max_inf_norm", "max inf-norm, all sites"), ("max_inf_ffn_output", "max inf-norm, FFN outputs"),
+                   ("max_inf_attn_output", "max inf-norm, attention outputs"), ("max_inf_residual", "max inf-norm, residual sums"))
+
+
+def retrofit_curves(rows: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
+    """retrofit's curves against fine-tuning steps: one colour per twin, one line style per seed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    twins = list(dict.fromkeys(r["twin"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    styles = ("-", "--", ":", "-.")
+    for i, twin in enumerate(twins):
+        for j, seed in enumerate(seeds):
+            pts = [r for r in rows if r["twin"] == twin and r["seed"] == seed]
+            for ax, (key, _) in zip(axes.flat, RETROFIT_PANELS):
+                ax.plot([r["step"] for r in pts], [r.get(key, float("nan")) for r in pts], color=f"C{i}",
+                        linestyle=styles[j % len(styles)], marker=".", label=f"{twin} s{seed}")
+    for ax, (_, label) in zip(axes.flat, RETROFIT_PANELS):
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        return write_figure(out, fig, dpi=100)
+    finally:
+        plt.close(fig)

@@ -60,7 +60,7 @@ def markdown(result: Any, command: str) -> str:
     lines = [f"# retrofit: {result.model['name']} ({result.model['family']}, objective {result.objective.value})", "",
              f"Command: `{command}`", "",
              f"Original: avg kurtosis {o.avg_kurtosis:.4g}, max inf-norm {o.max_inf_norm:.4g} at {o.max_inf_norm_site} "
-             f"(top channels {o.top_channels}), W8A8 loss {o.w8a8_loss:.3g} ({o.metric}).", "",
+             f"(top channels {o.top_channels}), W8A8 loss {o.w8a8_loss:.3g} ({o.metric}).", "", *_head_lines(result),
              "Start and end of each twin, mean ± half-range over seeds:", "",
              "| twin | phase | " + " | ".join(h for _, h, _ in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
     for agg in aggregate(result):
@@ -74,21 +74,32 @@ def markdown(result: Any, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _head_lines(result: Any) -> list[str]:
+    h = getattr(result, "head", None) or {}
+    if not h:
+        return []
+    return [f"MLM head: {h['head_steps']} steps on the frozen backbone (lr {h['head_lr']:g}); held-out MLM perplexity "
+            f"{h['mlm_perplexity_untrained_head']:.4g} untrained -> {h['mlm_perplexity_trained_head']:.4g} trained "
+            "(every twin and the control start from this head).", ""]
+
+
 def write(result: Any, out: Path, command: str) -> list[Path]:
     """Write every output (each atomically): the CSVs, the curve plot, summary.md and retrofit.json."""
     import pandas as pd
 
     from outlier_probe.report.io import write_csv, write_json, write_text
-    from outlier_probe.report.plots import training_curves
+    from outlier_probe.report.plots import retrofit_curves
 
     s = result.settings
     curves = curve_rows(result, s["batch_size"] * s["seq_len"])
     write_csv(out / CSV_FILE, pd.DataFrame(rows(result)))
     write_csv(out / CURVES_FILE, pd.DataFrame(curves))
-    training_curves(curves, out / PLOT_FILE, title=f"{result.model['name']} retrofit: block outputs during fine-tuning")
+    retrofit_curves(curves, out / PLOT_FILE, title=f"{result.model['name']} retrofit ({result.objective.value}): outliers over every "
+                    f"site group during fine-tuning (probe batch every {s.get('eval_every', '?')} steps)")
     write_text(out / SUMMARY_FILE, markdown(result, command))
     write_json(out / JSON_FILE, {**header("retrofit"), "command_line": command, "settings": s, "model": result.model,
-                                 "data": result.data, "aggregate": aggregate(result)})
+                                 "data": result.data, "head": getattr(result, "head", {}), "aggregate": aggregate(result),
+                                 "checkpoints": {f"{t.variant.value}-s{t.seed}": t.saved for t in result.twins if getattr(t, "saved", None)}})
     return [out / f for f in OUTPUTS]
 
 

@@ -65,6 +65,11 @@ def measure_sites(loaded: LoadedModel, batches: Batches, cfg: StatsConfig, progr
             if progress is not None:
                 progress(i + 1, total)
     distributed.merge_observers(observers)  # every rank now holds the statistics of all the data
+    return site_results(sites, observers)
+
+
+def site_results(sites: list[arch.Site], observers: Any) -> list[SiteResult]:
+    """Per-site results of observers fed by a pass (the sites that saw activations); errors on none or non-finite."""
     results = [SiteResult(site, observers[site.name].result()) for site in sites]
     seen = [r for r in results if r.stats.count > 0]
     if not seen:

@@ -78,6 +78,9 @@ def test_interrupted_run_resumes(tiny_checkpoint: Callable[..., Path], text_file
         ("gpt2", ["--seeds", "0,x"], "--seeds"),
         ("gpt2", ["--data", "/nonexistent/file.txt"], "does not exist"),
         ("gpt2", ["--seq-len", "4096"], "positions"),
+        ("bert", ["--objective", "mlm-head"], "use --objective mlm"),  # it has its own MLM head
+        ("gpt2", ["--objective", "mlm-head"], "use --objective lm"),
+        ("gpt2", ["--head-steps", "0"], "--head-steps"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tiny_checkpoint: Callable[..., Path], text_file: Path, tmp_path: Path,
