@@ -233,17 +233,24 @@ def _phases(gguf_path: Path, samples: int = 8) -> dict[str, float]:
     return t
 
 
-def bench_gguf() -> None:
+def bench_gguf(rounds: int = 2) -> None:
+    """Phases (best of `rounds`), then the whole command at the default calibration (4 batches) and at
+    --calib-batches 1 (calibration tokens = evaluated tokens), each best of `rounds`, against
+    (load + 3 float evals)."""
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         path = Path(tmp) / "random-llama-135m.gguf"
         params = write_llama_gguf(path, _tokenizer())
         print(f"gguf      wrote {path.name}: {params / 1e6:.0f}M parameters, float32, {path.stat().st_size / 1e9:.2f} GB")
-        phases = _phases(path)
+        runs = [_phases(path) for _ in range(rounds)]
+        phases = {name: min(r[name] for r in runs) for name in runs[0]}
         for name, sec in phases.items():
             print(f"gguf        {name:36s} {sec:6.1f} s CPU")
         base = phases["load + dequantize"] + sum(v for k, v in phases.items() if k.startswith("float eval ") and k[-1].isdigit())
-        whole = _child(["quantize", str(path), "--samples", "8", "--seq-len", "128", "--batch-size", "8", "-q",
-                        "--out", str(Path(tmp) / "report")])
-        print(f"gguf      quantize command {whole['cpu_s']:.1f} s CPU, {whole['wall_s']:.1f} s wall (exit {whole['code']}, "
-              f"peak RSS {whole['peak_rss_gb']:.2f} GB) / (load + 3 float evals = {base:.1f} s CPU): "
-              f"{whole['cpu_s'] / base:.2f}x  (target <= 1.5x)")
+        command = ["quantize", str(path), "--samples", "8", "--seq-len", "128", "--batch-size", "8", "-q"]
+        for calib in (4, 1):
+            whole = min((_child([*command, "--calib-batches", str(calib), "--out", str(Path(tmp) / f"report-{calib}-{i}")])
+                         for i in range(rounds)), key=lambda w: w["cpu_s"])
+            label = "default (4 calibration batches)" if calib == 4 else "--calib-batches 1"
+            print(f"gguf      quantize {label}: {whole['cpu_s']:.1f} s CPU, {whole['wall_s']:.1f} s wall (exit {whole['code']}, "
+                  f"peak RSS {whole['peak_rss_gb']:.2f} GB) / (load + 3 float evals = {base:.1f} s CPU): "
+                  f"{whole['cpu_s'] / base:.2f}x  (target <= 1.5x)")

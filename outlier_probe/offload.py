@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from outlier_probe.config import Placement  # noqa: F401 - re-exported: the options' value type
 from outlier_probe.errors import UsageError
 
 DEVICE_MAPS = ("auto", "cpu", "cuda")
@@ -77,6 +78,14 @@ def from_pretrained_kwargs(device_map: str | None, max_memory: str | None, offlo
         kwargs["offload_folder"] = str(offload_folder) if offload_folder is not None else _temporary_folder()
         kwargs["offload_buffers"] = True
     return kwargs
+
+
+def require_in_memory(model: nn.Module, why: str) -> None:
+    """Refuse a model whose device map left weights on disk (or meta): `why` says what needs them all."""
+    off = {k: v for k, v in placement(model).items() if k in ("disk", "meta")}
+    if off:
+        raise UsageError(f"{why}, so no weight can stay on disk, but the device map offloaded {sum(off.values())} "
+                         "module(s) there; raise --max-memory or leave it out (--device-map places the model without offload)")
 
 
 def _temporary_folder() -> str:
