@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from outlier_probe.errors import UsageError
-from outlier_probe.quant import kernels
 
 # Smallest scale allowed: an all-zero range would otherwise divide by zero (torch observers use
 # the same float32 machine epsilon).
@@ -156,8 +155,6 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
         scale, zp = scale.reshape(()), zp.reshape(())
     # Multiply by the float32 reciprocal, exactly like torch's kernels, so ties round identically.
     inv_scale = 1.0 / scale
-    if spec.axis is None and kernels.usable(xf):  # the same float32 operations, fused into one pass
-        return kernels.fake_quantize_per_tensor(xf, inv_scale, scale, zp, spec.quant_min, spec.quant_max).to(orig_dtype)
     scaled = xf * inv_scale
     if not scaled.requires_grad:
         # no autograd: finish in place on the one new buffer (4x faster on CPU than a chain of
