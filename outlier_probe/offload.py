@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlier_probe.config import Placement  # noqa: F401 - re-exported: the options' value type
 from outlier_probe.errors import UsageError
 
 DEVICE_MAPS = ("auto", "cpu", "cuda")
