@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is unavaila
     numba = None
 
 # numba's default OpenMP threading layer starts its own pool next to torch's; its idle threads spin after
-# every parallel kernel and take the cores from torch's next operations: measured on the GGUF quantize
+# every parallel kernel and take the cores from torch's next operations, and (sharing torch's libgomp) it
+# raised torch's thread count to its own (1 -> 2 with OMP_NUM_THREADS=1). Measured on the GGUF quantize
 # benchmark (135M Llama, 1 torch thread), every forward after the first observed pass ran 2-5x slower
 # (float eval 2.3 s -> 5.2 s, 4 calibration batches 7.6 s -> 42 s CPU). The workqueue layer's threads
 # sleep between kernels. Chosen before the first parallel kernel launches the pool; a user's

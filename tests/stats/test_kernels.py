@@ -166,15 +166,16 @@ def test_exponent_bin_table_edges() -> None:
 
 @pytest.mark.parametrize("env, layer", [(None, "workqueue"), ("omp", "omp")])
 def test_threading_layer_is_workqueue_unless_the_user_chose(env: str | None, layer: str) -> None:
-    """numba's OpenMP pool spins beside torch's and slowed every later forward 2-5x; a user's choice still wins."""
+    """numba's OpenMP pool spun beside torch's (every later forward 2-5x slower) and set torch's thread count to
+    its own; workqueue leaves torch's setting alone. A user's NUMBA_THREADING_LAYER still wins."""
     import os
     import subprocess
     import sys
 
-    code = ("import torch, numba; from outlier_probe.config import ObserverConfig; "
+    code = ("import torch, numba; torch.set_num_threads(1); from outlier_probe.config import ObserverConfig; "
             "from outlier_probe.stats.observer import OutlierObserver; "
             "o = OutlierObserver(ObserverConfig()); o.update(torch.randn(2, 8, 16)); o.result(); "
-            "print(numba.threading_layer())")
+            "print(numba.threading_layer(), torch.get_num_threads())")
     environ = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     if env is not None:
         environ["NUMBA_THREADING_LAYER"] = env
@@ -185,4 +186,7 @@ def test_threading_layer_is_workqueue_unless_the_user_chose(env: str | None, lay
             pytest.skip("numba's OpenMP threading layer is not built here")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == layer
+    used, torch_threads = out.stdout.strip().splitlines()[-1].split()
+    assert used == layer
+    if layer == "workqueue":  # the OpenMP layer, sharing torch's libgomp, raised torch's 1 thread to numba's count
+        assert torch_threads == "1"
