@@ -183,11 +183,29 @@ def write_llama_gguf(path: Path, tokenizer, *, layers: int = 30, hidden: int = 5
 
 
 def _phases(gguf_path: Path, samples: int = 8) -> dict[str, float]:
-    """quantize's phases, each timed, on the library calls run_quantize makes (plus 2 plain float evals
-    for the baseline): load, float eval with the site observers, quantized copy, calibration (backbone
-    only), quantized eval with the SQNR meter."""
+    """quantize's phases, each timed in CPU seconds, on the library calls run_quantize makes (plus 2 plain
+    float evals for the baseline), in this process: imports, load, float eval with the site observers,
+    quantized copy, calibration (backbone only), quantized eval with the SQNR meter, reports. Run it in a
+    fresh process (`python bench_scale.py phases PATH`): imports and the first load are then what a
+    command pays."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # since the process started: its imports included
+        return usage.ru_utime + usage.ru_stime
+
+    t: dict[str, float] = {}
+    clock = 0.0
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = cpu()
+        t[name] = t.get(name, 0.0) + now - clock
+        clock = now
+
     import math
 
+    from outlier_probe.cli import quantize as _cli  # noqa: F401 - what the command imports
     from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig
     from outlier_probe.data import batches_for_model
     from outlier_probe.evaluation import Evaluator
@@ -197,15 +215,7 @@ def _phases(gguf_path: Path, samples: int = 8) -> dict[str, float]:
     from outlier_probe.stats.hooks import observe
     from outlier_probe.stats.observer import OutlierObserver
 
-    t: dict[str, float] = {}
-    clock = time.process_time()  # CPU time of this process: the machine is shared, wall time scatters
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.process_time()
-        t[name] = t.get(name, 0.0) + now - clock
-        clock = now
-
+    lap("python start + imports")
     loaded = load_model(LoadConfig(source=str(gguf_path)))
     lap("load + dequantize")
     data = DataConfig(samples=samples, seq_len=128, batch_size=8)
@@ -233,17 +243,39 @@ def _phases(gguf_path: Path, samples: int = 8) -> dict[str, float]:
     return t
 
 
-def bench_gguf() -> None:
+def bench_gguf(rounds: int = 2) -> None:
+    """Phases (each round a fresh process; best of `rounds` per phase), then the whole command at the default
+    calibration (4 batches) and at --calib-batches 1 (calibration tokens = evaluated tokens), each best of
+    `rounds`, against (load + 3 float evals), load taken in a fresh process as a command pays it."""
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         path = Path(tmp) / "random-llama-135m.gguf"
         params = write_llama_gguf(path, _tokenizer())
         print(f"gguf      wrote {path.name}: {params / 1e6:.0f}M parameters, float32, {path.stat().st_size / 1e9:.2f} GB")
-        phases = _phases(path)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        runs = []
+        for _ in range(rounds):
+            out = subprocess.run([sys.executable, __file__, "phases", str(path)], capture_output=True, text=True, env=env,
+                                 timeout=900)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode != 0 or not lines:
+                raise RuntimeError(f"phases child failed: {out.stderr[-2000:]}")
+            runs.append(json.loads(lines[-1]))
+        phases = {name: min(r[name] for r in runs) for name in runs[0]}
         for name, sec in phases.items():
             print(f"gguf        {name:36s} {sec:6.1f} s CPU")
-        base = phases["load + dequantize"] + sum(v for k, v in phases.items() if k.startswith("float eval ") and k[-1].isdigit())
-        whole = _child(["quantize", str(path), "--samples", "8", "--seq-len", "128", "--batch-size", "8", "-q",
-                        "--out", str(Path(tmp) / "report")])
-        print(f"gguf      quantize command {whole['cpu_s']:.1f} s CPU, {whole['wall_s']:.1f} s wall (exit {whole['code']}, "
-              f"peak RSS {whole['peak_rss_gb']:.2f} GB) / (load + 3 float evals = {base:.1f} s CPU): "
-              f"{whole['cpu_s'] / base:.2f}x  (target <= 1.5x)")
+        evals = sum(v for k, v in phases.items() if k.startswith("float eval ") and k[-1].isdigit())
+        base = phases["load + dequantize"] + evals
+        with_imports = base + phases["python start + imports"]
+        command = ["quantize", str(path), "--samples", "8", "--seq-len", "128", "--batch-size", "8", "-q"]
+        for calib in (4, 1):
+            whole = min((_child([*command, "--calib-batches", str(calib), "--out", str(Path(tmp) / f"report-{calib}-{i}")])
+                         for i in range(rounds)), key=lambda w: w["cpu_s"])
+            label = "default (4 calibration batches)" if calib == 4 else "--calib-batches 1"
+            print(f"gguf      quantize {label}: {whole['cpu_s']:.1f} s CPU, {whole['wall_s']:.1f} s wall (exit {whole['code']}, "
+                  f"peak RSS {whole['peak_rss_gb']:.2f} GB) / (load + 3 float evals = {base:.1f} s CPU): "
+                  f"{whole['cpu_s'] / base:.2f}x  (target <= 1.5x); / (the same + python start and imports = "
+                  f"{with_imports:.1f} s): {whole['cpu_s'] / with_imports:.2f}x")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["phases"]:  # threads as the command gets them (OMP_NUM_THREADS)
+    print(json.dumps(_phases(Path(sys.argv[2]))))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from outlier_probe.errors import UsageError
@@ -81,6 +81,31 @@ class LoadConfig:
     device_map: str | None = None  # accelerate placement: auto | cpu | cuda; None: whole model on `device`
     max_memory: str | None = None  # per-device budget with device_map auto ("20GiB" or "cpu=8GiB,0=20GiB")
     offload_folder: Path | None = None  # where weights beyond the budget go (default: a temporary folder)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """--device-map / --max-memory / --offload-folder (and --dtype): how a command places the weights it loads.
+
+    Every command that loads a checkpoint carries one and applies it to each LoadConfig it builds, so the
+    options mean the same everywhere and are checked in one place (before any work).
+    """
+
+    device_map: str | None = None  # accelerate placement: auto | cpu | cuda; None: the whole model on --device
+    max_memory: str | None = None  # per-device budget with device_map auto; beyond it weights go to disk
+    offload_folder: Path | None = None  # where offloaded weights go (default: a temporary folder)
+    dtype: DType | None = None  # model dtype; None: the command's own default (float32)
+
+    def __post_init__(self) -> None:
+        if (self.device_map, self.max_memory, self.offload_folder) != (None, None, None):
+            from outlier_probe.offload import from_pretrained_kwargs  # torch only when a map is asked for
+
+            from_pretrained_kwargs(self.device_map, self.max_memory, self.offload_folder)  # bad combinations fail here
+
+    def apply(self, load: LoadConfig) -> LoadConfig:
+        """`load` with this placement (its dtype too, when one is given)."""
+        out = replace(load, device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder)
+        return out if self.dtype is None else replace(out, dtype=self.dtype)
 
 
 @dataclass(frozen=True)

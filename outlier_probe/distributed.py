@@ -116,9 +116,50 @@ def _publish_failure(store: Any, me: int, err: BaseException, size: int) -> None
         pass
 
 
+BACKENDS = ("gloo", "nccl", "cpu:gloo,cuda:nccl")
+
+
+def run_device(device: Any = None, device_map: str | None = None) -> str:
+    """'cuda' when the command's model runs on a GPU (--device cuda / auto with one, or --device-map cuda / auto
+    with one), else 'cpu'."""
+    cuda = torch.cuda.is_available()
+    if device_map is not None:
+        return "cuda" if device_map in ("cuda", "auto") and cuda else "cpu"
+    value = getattr(device, "value", device) or "cpu"
+    return "cuda" if value in ("cuda", "auto") and cuda else "cpu"
+
+
+def backend_for(device: str, environ: Any = os.environ) -> str:
+    """The process group's backend: gloo for a CPU run; for a CUDA run nccl carries the CUDA tensors (observer
+    states, calibration ranges) and gloo the host numbers (evaluation sums). OUTLIER_PROBE_DIST_BACKEND overrides."""
+    forced = environ.get("OUTLIER_PROBE_DIST_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise UsageError(f"OUTLIER_PROBE_DIST_BACKEND={forced!r}; choose from {', '.join(BACKENDS)}")
+        return forced
+    return "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+
+
+def bind_device(device: str, environ: Any = os.environ) -> int | None:
+    """A CUDA run: this rank's GPU is torchrun's LOCAL_RANK (checked against the GPUs there are); None on CPU."""
+    if device != "cuda":
+        return None
+    local = int(environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise UsageError(f"this is local rank {local} but the node has {count} GPU(s); use --nproc-per-node {count} "
+                         "or --device cpu")
+    torch.cuda.set_device(local)
+    return local
+
+
 @contextmanager
-def session(command: str) -> Iterator[None]:
-    """Join the torchrun process group for one command (a no-op outside torchrun), and leave it."""
+def session(command: str, device: Any = None, device_map: str | None = None) -> Iterator[None]:
+    """Join the torchrun process group for one command (a no-op outside torchrun), and leave it.
+
+    torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT) is read by the default
+    env:// rendezvous; the backend follows the device the command's model runs on (`backend_for`).
+    """
     if not launched():
         yield
         return
@@ -126,9 +167,9 @@ def session(command: str) -> Iterator[None]:
         raise UsageError(f"`{command}` does not run under torchrun; data-parallel runs: {', '.join(COMMANDS)}")
     import torch.distributed as dist
 
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    where = run_device(device, device_map)
+    backend = backend_for(where)
+    bind_device(where)
     dist.init_process_group(backend, timeout=timedelta(minutes=_TIMEOUT_MIN))
     store = dist.distributed_c10d._get_default_store()
     watchdog = _Watchdog(store, dist.get_rank())

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, SiteKind, StatsConfig
+from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, Placement, SiteKind, StatsConfig
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.gate_types import (  # noqa: F401 - re-exported: the gate's public types
     CONFIG_KEYS,
@@ -317,6 +317,7 @@ class MeasureSettings:
     trust_remote_code: bool = False
     quantize: bool = False  # also run `quantize` (set when a quantization threshold is set)
     heads: bool = False  # also run `attention` (set when an attention threshold is set)
+    placement: Placement = field(default_factory=Placement)  # --device-map / --max-memory / --offload-folder / --dtype
 
 
 def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
@@ -335,7 +336,8 @@ def measure(checkpoint: str, settings: MeasureSettings, out_dir: Path) -> Path:
     out_dir = ensure_writable_dir(Path(out_dir))
     stats_dir = ensure_writable_dir(out_dir / "stats")  # fail before the model loads, not after
     quant_dir = ensure_writable_dir(out_dir / "quantize") if settings.quantize else None
-    load = LoadConfig(source=checkpoint, trust_remote_code=settings.trust_remote_code, attention=settings.attention)
+    load = settings.placement.apply(LoadConfig(source=checkpoint, trust_remote_code=settings.trust_remote_code,
+                                               attention=settings.attention))
     loaded = load_model(load)
     result = run_stats(StatsConfig(load=load, data=settings.data, out=stats_dir, plots=False), loaded=loaded)
     main = distributed.is_main()  # under torchrun rank 0 alone writes; the others read its reports

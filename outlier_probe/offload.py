@@ -79,6 +79,14 @@ def from_pretrained_kwargs(device_map: str | None, max_memory: str | None, offlo
     return kwargs
 
 
+def require_in_memory(model: nn.Module, why: str) -> None:
+    """Refuse a model whose device map left weights on disk (or meta): `why` says what needs them all."""
+    off = {k: v for k, v in placement(model).items() if k in ("disk", "meta")}
+    if off:
+        raise UsageError(f"{why}, so no weight can stay on disk, but the device map offloaded {sum(off.values())} "
+                         "module(s) there; raise --max-memory or leave it out (--device-map places the model without offload)")
+
+
 def _temporary_folder() -> str:
     folder = tempfile.mkdtemp(prefix="outlier-probe-offload-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig
+from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, Placement
 from outlier_probe.errors import UsageError
 from outlier_probe.models import Arch
 from outlier_probe.report.io import ensure_writable_dir, no_empty_folders_on_error, write_text
@@ -87,6 +87,7 @@ class ReproduceConfig:
     seed: int = 0
     time_scale: float = 1.0  # multiply every training budget (e.g. 0.5 for a quicker, weaker run)
     work: Path | None = None  # where checkpoints go; default runs/<out folder name>/
+    placement: Placement = field(default_factory=Placement)  # how the trained twins are loaded to be compared
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -165,7 +166,7 @@ def _reproduce(cfg: ReproduceConfig, scale: Any, out: Path, work: Path, log: Cal
                 resume=(work / run / "training_state.pt").is_file(), overwrite=True,
             ))
             train_rows += list(result.rows)
-            entries.append(CompareEntry(variant.value, LoadConfig(source=str(result.out))))
+            entries.append(CompareEntry(variant.value, cfg.placement.apply(LoadConfig(source=str(result.out)))))
             summary.setdefault(plan.arch.value, {})[variant.value] = {
                 "steps": result.steps, "tokens": result.tokens,
                 "tokens_per_s": _logged_speed(result.rows),

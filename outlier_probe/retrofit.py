@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from outlier_probe import arch
-from outlier_probe.config import AttentionVariant, DataConfig, Device, LoadConfig
+from outlier_probe.config import AttentionVariant, DataConfig, Device, LoadConfig, Placement
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.loading import LoadedModel
 from outlier_probe.retrofit_head import save_twin, shared_head_for
@@ -80,6 +80,7 @@ class RetrofitConfig:
     threads: int | None = None
     out: Path | None = None
     save: Path | None = None  # each twin's final checkpoint in save/<twin>-s<seed>/ (with the mlm-head next to it)
+    placement: Placement = field(default_factory=Placement)  # how CKPT is loaded (accelerate); no weight may stay on disk
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -239,13 +240,15 @@ def run_retrofit(cfg: RetrofitConfig, log: Log | None = None, done: dict[tuple[s
 
     from outlier_probe.data import text_batches
     from outlier_probe.loading import load_model
+    from outlier_probe.offload import require_in_memory
     from outlier_probe.stats.run import settings_of
     from outlier_probe.train.loop import _threads
 
     transformers.logging.set_verbosity_error()
     device = cfg.device.resolve()
     torch.set_num_threads(_threads(cfg.threads))
-    original = load_model(LoadConfig(source=cfg.source, device=Device(device), tokenizer=cfg.tokenizer))
+    original = load_model(cfg.placement.apply(LoadConfig(source=cfg.source, device=Device(device), tokenizer=cfg.tokenizer)))
+    require_in_memory(original.model, "retrofit fine-tunes copies of every weight")
     info = original.info
     objective = resolve_objective(info.task, cfg.objective)
     if original.processor is None:

@@ -60,7 +60,8 @@ def guarded(fn: F) -> F:
         from outlier_probe.distributed import session
 
         try:
-            with session(fn.__name__):  # joins the torchrun process group when launched by torchrun
+            # joins the torchrun process group when launched by torchrun (nccl + gloo on a GPU, gloo on a CPU)
+            with session(fn.__name__, kwargs.get("device"), kwargs.get("device_map")):
                 return fn(*args, **kwargs)
         except typer.Exit:
             raise

@@ -34,6 +34,9 @@ def attention(
     trust_remote_code: o.TrustRemote = False,
     attention_variant: o.Attention = None,
     tokenizer: o.Tokenizer = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     out: o.Out = None,
     quiet: o.Quiet = False,
     as_json: o.Json = False,
@@ -44,7 +47,8 @@ def attention(
     from outlier_probe.report.io import all_or_nothing, check_out_dir
 
     cfg = AttentionConfig(
-        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention_variant, tokenizer),
+        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention_variant, tokenizer, device_map, max_memory,
+                           offload_folder),
         data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
         observer=ObserverConfig(top_k=top_k), min_abs=massive_abs, min_ratio=massive_ratio,
     )

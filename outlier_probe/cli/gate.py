@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
-from outlier_probe.config import AttentionVariant, DataConfig, SiteKind
+from outlier_probe.config import AttentionVariant, DataConfig, DType, SiteKind
 from outlier_probe.errors import ProbeError, UsageError
 
 EPILOG = (
@@ -50,13 +51,18 @@ def gate(
     seed: Annotated[Optional[int], typer.Option(help="Data seed [default: 0].", show_default=False)] = None,
     attention: Annotated[Optional[AttentionVariant], typer.Option(help="Attention variant to load the model with.", show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow custom modelling code from the checkpoint.")] = False,
+    dtype: Annotated[Optional[DType], typer.Option("--dtype", help="Model dtype [default: float32].", show_default=False)] = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
 ) -> None:
     """Check a checkpoint (or its reports) against thresholds; exit 0 pass, 1 fail, 2 usage error."""
     from outlier_probe import gate as gate_lib
     from outlier_probe.report import gate_output
 
     data_opts = {"data": data, "samples": samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed}
-    measure_opts = {**data_opts, "attention": attention, "trust_remote_code": trust_remote_code or None}
+    measure_opts = {**data_opts, "attention": attention, "trust_remote_code": trust_remote_code or None, "dtype": dtype,
+                    "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     if (checkpoint is None) == (not report):
         raise UsageError("give a checkpoint to measure or --report FOLDER, exactly one of them")
     if report and any(v is not None for v in measure_opts.values()):
@@ -87,6 +93,7 @@ def gate(
                     data=DataConfig(path=data, **{k: v for k, v in data_opts.items() if k != "data" and v is not None}),
                     attention=attention,
                     trust_remote_code=trust_remote_code,
+                    placement=o.placement(device_map, max_memory, offload_folder, dtype),
                 )
                 result = gate_lib.gate_checkpoint(checkpoint, settings, resolved, target)
             else:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from outlier_probe.config import AttentionVariant, DataConfig, Device, DType, LoadConfig
+from outlier_probe.config import AttentionVariant, DataConfig, Device, DType, LoadConfig, Placement
 from outlier_probe.evaluation import MetricName
 from outlier_probe.quant.quantizer import Estimator
 
@@ -53,6 +53,12 @@ def load_config(checkpoint: str, dtype: DType, device: Device, trust_remote_code
     return LoadConfig(source=checkpoint, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                       attention=attention, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory,
                       offload_folder=offload_folder)
+
+
+def placement(device_map: str | None, max_memory: str | None, offload_folder: Path | None,
+              dtype: DType | None = None) -> Placement:
+    """The --device-map / --max-memory / --offload-folder (/ --dtype) options of a command that builds its own loads."""
+    return Placement(device_map, max_memory, offload_folder, dtype)
 
 
 def data_config(data: Path | None, dataset: str | None, include: str, samples: int, seq_len: int,

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from outlier_probe.cli import options as o
 from outlier_probe.cli.app import app, guarded
 from outlier_probe.config import AttentionVariant
 from outlier_probe.errors import UsageError
@@ -27,6 +28,9 @@ def reproduce(
     time_scale: Annotated[float, typer.Option("--time-scale", help="Multiply every training budget.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     report_only: Annotated[bool, typer.Option("--report-only", help="stanhop presets: write the report from the runs already finished; train nothing.")] = False,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="stanhop-cpu (Table 1 of the OutEffHop paper on ETTh1: 6 variants x 3 seeds, < 1 h on 2 cores) or stanhop-paper (the paper's configuration, GPU scale); --data is the ETTh1 CSV.")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="stanhop presets: train the runs in N processes, one thread each (default: min(2, CPU cores) on CPU, 1 on GPU); results do not depend on N.")] = None,
 ) -> None:
@@ -48,7 +52,8 @@ def reproduce(
 
     variants = tuple(dict.fromkeys([AttentionVariant.softmax, *variant])) if variant else None  # None: the scale's default
     cfg = ReproduceConfig(scale=scale, out=out or Path(f"reports/reproduction-{scale}"), data=data, image_data=image_data,
-                          families=tuple(family) if family else None, variants=variants, seed=seed, time_scale=time_scale)
+                          families=tuple(family) if family else None, variants=variants, seed=seed, time_scale=time_scale,
+                          placement=o.placement(device_map, max_memory, offload_folder))
     console = Console(stderr=True)
     run_reproduction(cfg, log=lambda msg: console.print(f"[dim]{msg}[/]"))
     Console().print(f"report: {cfg.out / 'README.md'}")

@@ -44,6 +44,9 @@ def retrofit_command(
     gate_init: Annotated[float, _opt("--gate-init", help="Gated attention: gate value at the start, in (0, 1).")] = 0.95,
     tokenizer: o.Tokenizer = None,
     device: o.DeviceOpt = Device.auto,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     threads: Annotated[Optional[int], _opt("--threads", help="CPU threads (default: all allowed).")] = None,
     out: o.Out = None,
     save: Annotated[Optional[Path], _opt("--save", help="Folder for every twin's final checkpoint, DIR/<twin>-s<seed>/ (the mlm-head beside it).")] = None,
@@ -64,7 +67,8 @@ def retrofit_command(
     cfg = RetrofitConfig(source=checkpoint, variants=tuple(v.strip() for v in attention.split(",") if v.strip()), data=data,
                          include=include_files, objective=objective, preset=preset, steps=steps, batch_size=batch_size,
                          seq_len=seq_len, lr=lr, warmup=warmup, eval_every=eval_every, eval_samples=eval_samples, head_steps=head_steps, seeds=seed_list,
-                         gamma=gamma, gate_init=gate_init, tokenizer=tokenizer, device=device, threads=threads, out=out, save=save)
+                         gamma=gamma, gate_init=gate_init, tokenizer=tokenizer, device=device, threads=threads, out=out, save=save,
+                         placement=o.placement(device_map, max_memory, offload_folder))
     if data is not None and not Path(data).exists():
         raise UsageError(f"--data {data} does not exist")
     target = check_out_dir(o.default_out(checkpoint, out, "-retrofit"))
@@ -107,6 +111,10 @@ def _command(cfg: object, preset: str) -> str:
     for name in ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_samples", "head_steps", "gamma", "gate_init", "tokenizer", "threads"):
         if getattr(cfg, name) is not None:
             parts += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    place = cfg.placement
+    for flag, value in (("--device-map", place.device_map), ("--max-memory", place.max_memory), ("--offload-folder", place.offload_folder)):
+        if value is not None:
+            parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts + ["--device", cfg.device.value] + (["--out", str(cfg.out)] if cfg.out else [])
                                     + (["--save", str(cfg.save)] if cfg.save else []))
 

@@ -47,6 +47,9 @@ def sensitivity(
     trust_remote_code: o.TrustRemote = False,
     attention: o.Attention = None,
     tokenizer: o.Tokenizer = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     out: o.Out = None,
     quiet: o.Quiet = False,
     as_json: o.Json = False,
@@ -65,7 +68,7 @@ def sensitivity(
     if groups is not None and not patterns:
         raise UsageError("--groups is empty; give fnmatch patterns such as 'layer.*'")
     cfg = SensitivityConfig(
-        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer),
+        load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer, device_map, max_memory, offload_folder),
         data=o.data_config(data, dataset, include_files, samples, seq_len, batch_size, seed),
         recipe=rec, group_by=group, groups=patterns, budget=Budget.parse(budget) if budget is not None else None,
         max_float=max_float, metric=metric,

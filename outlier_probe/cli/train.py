@@ -36,6 +36,9 @@ def train_command(
     alpha: Annotated[Optional[float], _opt("--alpha", help="Clipped softmax: gamma = -alpha / T, T the keys per row (the paper's form; replaces --gamma). alpha < 1 keeps uniform attention unclipped at initialisation.")] = None,
     gate_init: Annotated[float, _opt("--gate-init", help="Gated attention: gate value at initialisation, in (0, 1).")] = 0.25,
     init_from: Annotated[Optional[str], _opt("--from", help="Fine-tune this checkpoint (folder or hub id) with --attention swapped in.")] = None,
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
     data: Annotated[Optional[Path], _opt("--data", help="Text file or folder of text files (see --include-files), default the built-in English text; vit: an image folder (one sub-folder per class) or MNIST-style idx files.")] = None,
     include_files: o.Include = "*.txt",
     max_chars: Annotated[Int, _opt("--max-chars", help="Read at most this many characters of text.")] = None,
@@ -89,7 +92,7 @@ def train_command(
 
     cfg = TrainConfig(
         arch=arch, size=size, layers=layers, hidden=hidden, heads=heads, attention=attention, gamma=gamma, zeta=zeta, alpha=alpha,
-        gate_init=gate_init, init_from=init_from, data=data, include=include_files, max_chars=max_chars, tokenizer=tokenizer,
+        gate_init=gate_init, init_from=init_from, placement=o.placement(device_map, max_memory, offload_folder), data=data, include=include_files, max_chars=max_chars, tokenizer=tokenizer,
         vocab_size=vocab_size, seq_len=seq_len, batch_size=16 if batch_size is None else batch_size, steps=steps,
         time_budget=time_budget, lr=1e-3 if lr is None else lr,
         min_lr_ratio=min_lr_ratio, warmup=warmup, schedule=schedule, betas=(beta1, beta2), weight_decay=weight_decay,

@@ -32,6 +32,17 @@ try:  # numba is a dependency; a Python it does not support yet still works, on 
 except ImportError:  # pragma: no cover - exercised only where numba is unavailable
     numba = None
 
+# numba's default OpenMP threading layer starts its own pool next to torch's; its idle threads spin after
+# every parallel kernel and take the cores from torch's next operations, and (sharing torch's libgomp) it
+# raised torch's thread count to its own (1 -> 2 with OMP_NUM_THREADS=1). Measured on the GGUF quantize
+# benchmark (135M Llama, 1 torch thread), every forward after the first observed pass ran 2-5x slower
+# (float eval 2.3 s -> 5.2 s, 4 calibration batches 7.6 s -> 42 s CPU). The workqueue layer's threads
+# sleep between kernels. Chosen before the first parallel kernel launches the pool; a user's
+# NUMBA_THREADING_LAYER still wins. (workqueue refuses concurrent launches from several Python threads;
+# observers run in the forward's own thread.)
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
 # Values per work item: large enough to amortise the per-item bookkeeping, small enough that an
 # item (and its float64 deviations) stays in L2 and that a single long sequence still spreads
 # over every thread. Rounded down to whole rows of channels, so channel = offset % channels.

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from torch import nn
 
 from outlier_probe.attention import DEFAULT_GAMMA, DEFAULT_GATE_INIT, DEFAULT_ZETA
-from outlier_probe.config import AttentionVariant, Device
+from outlier_probe.config import AttentionVariant, Device, Placement
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.models import PRESETS, Arch, shape_for
 
@@ -62,6 +62,7 @@ class TrainConfig:
     alpha: float | None = None  # clipped softmax: gamma = -alpha / T (T = keys per row) instead of gamma
     gate_init: float = DEFAULT_GATE_INIT  # gated attention: sigmoid(gate) at initialisation
     init_from: str | None = None  # --from: pretrained checkpoint to fine-tune (arch and shape come from it)
+    placement: Placement = field(default_factory=Placement)  # --from read through accelerate (no weight may stay on disk)
     data: Path | None = None  # text file / folder (default: built-in text); vit: image folder or idx files
     include: str = "*.txt"  # glob for files inside a text --data folder (recursive)
     max_chars: int | None = None  # read at most this many characters of text
@@ -115,6 +116,8 @@ class TrainConfig:
             if given:
                 raise UsageError(f"{', '.join(given)} cannot be combined with --from: the shape comes from the checkpoint")
         else:
+            if self.placement != Placement():
+                raise UsageError("--device-map / --max-memory / --offload-folder place the --from checkpoint; give --from")
             if self.size is not None and self.size not in PRESETS:
                 raise UsageError(f"unknown --size {self.size!r}; choose one of {', '.join(PRESETS)}")
             for name in ("layers", "hidden", "heads"):

@@ -29,9 +29,13 @@ class _Setup:
 
 def _setup(cfg: TrainConfig, out: Path, device: str) -> _Setup:
     from outlier_probe.loading import load_model, set_attention
+    from outlier_probe.offload import require_in_memory
 
     resumed = load_model(LoadConfig(source=str(out), device=Device.cpu)) if cfg.resume else None
-    pretrained = load_model(LoadConfig(source=cfg.init_from, device=Device.cpu)) if cfg.init_from and not cfg.resume else None
+    pretrained = (load_model(cfg.placement.apply(LoadConfig(source=cfg.init_from, device=Device.cpu)))
+                  if cfg.init_from and not cfg.resume else None)
+    if pretrained is not None:
+        require_in_memory(pretrained.model, "train --from updates every weight")
     loaded = resumed or pretrained
     if loaded is not None:
         model, info = loaded.model, loaded.info

@@ -162,3 +162,31 @@ def test_exponent_bin_table_edges() -> None:
     bits = torch.tensor([0.0, 2.0**-15, 2.0**-14, 1.0, 1.99, 2.0**13, 2.0**14, 1e30, math.inf]).view(torch.int32)
     bins = [int(table[(b >> 23) & 0xFF]) for b in bits.tolist()]
     assert bins == [0, 0, 1, 15, 15, 28, 29, 29, 30]
+
+
+@pytest.mark.parametrize("env, layer", [(None, "workqueue"), ("omp", "omp")])
+def test_threading_layer_is_workqueue_unless_the_user_chose(env: str | None, layer: str) -> None:
+    """numba's OpenMP pool spun beside torch's (every later forward 2-5x slower) and set torch's thread count to
+    its own; workqueue leaves torch's setting alone. A user's NUMBA_THREADING_LAYER still wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, numba; torch.set_num_threads(1); from outlier_probe.config import ObserverConfig; "
+            "from outlier_probe.stats.observer import OutlierObserver; "
+            "o = OutlierObserver(ObserverConfig()); o.update(torch.randn(2, 8, 16)); o.result(); "
+            "print(numba.threading_layer(), torch.get_num_threads())")
+    environ = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if env is not None:
+        environ["NUMBA_THREADING_LAYER"] = env
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401 - the OpenMP layer may be missing from this build
+    except ImportError:
+        if layer == "omp":
+            pytest.skip("numba's OpenMP threading layer is not built here")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    used, torch_threads = out.stdout.strip().splitlines()[-1].split()
+    assert used == layer
+    if layer == "workqueue":  # the OpenMP layer, sharing torch's libgomp, raised torch's 1 thread to numba's count
+        assert torch_threads == "1"
