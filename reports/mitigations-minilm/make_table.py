@@ -86,15 +86,20 @@ def markdown(t: pd.DataFrame) -> list[str]:
     label = METRIC_LABEL.get(metric, metric)
     cos = metric == "hidden_cosine"
     arch = (t.kind == "architecture").any()
-    head = f"| recipe | mitigation |{' kind |' if arch else ''} float {label} | W8A8 {label} (sd) | gap closed (sd) |"
-    lines = [head, "|---|---|" + ("---|" if arch else "") + "---:|---:|---:|"]
+    seeds = t.seeds.nunique() > 1  # some rows measured on fewer seeds: say how many
+    head = (f"| recipe | mitigation |{' kind |' if arch else ''} float {label} | W8A8 {label} (sd) | gap closed (sd) |"
+            + (" seeds |" if seeds else ""))
+    lines = [head, "|---|---|" + ("---|" if arch else "") + "---:|---:|---:|" + ("---:|" if seeds else "")]
     for _, r in t.iterrows():
         if cos:
             f, q = f"{r.float_metric:.6f}", f"{r.w8a8:.4f} ({r.w8a8_sd:.4f})"
         else:
             f, q = f"{r.float_metric:.3f}", f"{r.w8a8:.3f} ({r.w8a8_sd:.3f})"
         kind = f" {r.kind} |" if arch else ""
-        lines.append(f"| {r.recipe} | {r.mitigation} |{kind} {f} | {q} | {100 * r.gap_closed:+.1f}% ({100 * r.gap_sd:.1f}) |")
+        sd = "-" if pd.isna(r.gap_sd) else f"{100 * r.gap_sd:.1f}"
+        q = q.replace("(nan)", "(-)")
+        lines.append(f"| {r.recipe} | {r.mitigation} |{kind} {f} | {q} | {100 * r.gap_closed:+.1f}% ({sd}) |"
+                     + (f" {r.seeds} |" if seeds else ""))
     return lines
 
 
