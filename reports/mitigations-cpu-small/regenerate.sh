@@ -30,13 +30,15 @@ for recipe in paper linear; do
   plan="$OUT/sensitivity-$recipe"
   [ -f "$plan/plan.json" ] || $OP sensitivity "$V" --recipe "$recipe" --groups 'layer.*' --budget "${BUDGET:-0.5%}" \
       --seed 100 --samples 32 --seq-len 128 --batch-size 16 --quiet --out "$plan" || [ -f "$plan/plan.json" ]
-  python3 "$OUT/control_plan.py" "$plan" > "$plan/control.txt"
+  # a plan that keeps nothing (plain W8A8 already within the budget: `linear` here) gets no keep-float rows
+  python3 "$OUT/control_plan.py" "$plan" > "$plan/control.txt" || rm -f "$plan/control.txt"
 done
 for seed in $SEEDS; do
   common=(--samples 32 --seq-len 128 --batch-size 16 --seed "$seed" --quiet)
   run "$OUT/runs/seed$seed/mitigations" "$V" "${common[@]}" --recipe paper --recipe linear \
       --smoothquant 0.3,0.5,0.7,0.85 --a-granularity per-token
   for recipe in paper linear; do
+    [ -f "$OUT/sensitivity-$recipe/control.txt" ] || continue
     run "$OUT/runs/seed$seed/keep-plan-$recipe" "$V" "${common[@]}" --recipe "$recipe" \
         --keep-float "$OUT/sensitivity-$recipe/plan.json"
     run "$OUT/runs/seed$seed/keep-plan-control-$recipe" "$V" "${common[@]}" --recipe "$recipe" \
