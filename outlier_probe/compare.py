@@ -30,9 +30,10 @@ from outlier_probe.config import AttentionVariant, DataConfig, LoadConfig, Obser
 from outlier_probe.errors import UsageError
 from outlier_probe.evaluation import MetricName
 from outlier_probe.loading import load_model, model_name, weights_folder
+from outlier_probe.quant.keep import KeepFloat
 from outlier_probe.quant.mitigations.apply import Mitigation
 from outlier_probe.quant.recipes import QuantConfig
-from outlier_probe.quant.run import QuantizeConfig, run_quantize
+from outlier_probe.quant.run import QuantizeConfig, check_keep_float, run_quantize
 from outlier_probe.stats.run import run_stats, settings_of
 
 Progress = Callable[[int, int, str], None]  # (batches done, batches total, what is running)
@@ -53,8 +54,11 @@ class CompareConfig:
     forecast_samples: int | None = None  # stanhop checkpoints: test windows (None: every one)
     mitigation_table: bool = False  # --mitigations: the first model also runs post-training mitigations
     mitigations: tuple[Mitigation, ...] = ()  # empty with mitigation_table: SmoothQuant 0.5, per-token, rotation if possible
+    keep_float: tuple[tuple[str, KeepFloat], ...] = ()  # with mitigation_table: one more row of the first model per (label, set)
 
     def __post_init__(self) -> None:
+        if self.keep_float and not self.mitigation_table:
+            raise UsageError("--keep-float in compare needs --mitigations (each value is one more row of the first model)")
         if self.mitigation_table and not self.quantize:
             raise UsageError("--mitigations compares W8A8 losses; it cannot be combined with --no-quantize")
         if len(self.entries) < (1 if self.mitigation_table else 2):
@@ -140,6 +144,9 @@ def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> Compare
             runs.append(ModelRun(entry, stats, quant))
             continue
         loaded = load_model(entry.load)
+        kept_sets = cfg.keep_float if cfg.mitigation_table and not runs else ()
+        for _label, keep in kept_sets:  # a pattern matching nothing fails before any pass runs
+            check_keep_float(loaded, cfg.recipe, keep)
         stats = run_stats(stats_cfg, progress=_labelled(progress, f"{entry.name}: measuring"), loaded=loaded)
         quant = None
         if cfg.quantize:
@@ -148,13 +155,15 @@ def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> Compare
                                   mitigations=mitigations, mitigation_stats=bool(mitigations))
             step = None if progress is None else (lambda d, t, label, n=entry.name: progress(d, t, f"{n}: evaluating {label}"))
             quant = run_quantize(qcfg, progress=step, loaded=loaded)
+        kept = tuple((label, run_quantize(replace(qcfg, mitigations=(), mitigation_stats=False, keep_float=keep),
+                                          progress=step, loaded=loaded)) for label, keep in kept_sets)
         heads = None
         if cfg.attention:
             from outlier_probe.diagnose.attention_run import AttentionConfig, run_attention
 
             heads = run_attention(AttentionConfig(load=entry.load, data=cfg.data, observer=cfg.observer),
                                   progress=_labelled(progress, f"{entry.name}: attention"), loaded=loaded)
-        runs.append(ModelRun(entry, stats, quant, heads))
+        runs.append(ModelRun(entry, stats, quant, heads, kept))
         del loaded
         gc.collect()
     return CompareResult(runs, settings_of(cfg), _notes(runs))
@@ -222,6 +231,15 @@ def mitigation_rows(result: CompareResult) -> list[dict[str, Any]]:
             "gap_closed": gap_closed(plain_loss, degradation(r.float_score.value, r.quant_score.value, higher)),
             "avg_kurtosis": _num(stats.get("avg_kurtosis", base["avg_kurtosis"])),
             "max_inf_norm": _num(stats.get("max_inf_norm", base["max_inf_norm"])),
+            "sink_rate": base.get("sink_rate", math.nan),
+        })
+    for label, kept in first.kept:  # --keep-float: the float model is unchanged, so are its figures
+        r = kept.runs[0]
+        rows.append({
+            "row": f"{first.entry.name}+keep-float {label}", "kind": "post-training",
+            "float": r.float_score.value, "w8a8": r.quant_score.value,
+            "gap_closed": gap_closed(plain_loss, degradation(r.float_score.value, r.quant_score.value, higher)),
+            "avg_kurtosis": base["avg_kurtosis"], "max_inf_norm": base["max_inf_norm"],
             "sink_rate": base.get("sink_rate", math.nan),
         })
     for run in result.runs[1:]:

@@ -70,6 +70,7 @@ class ModelRun:
     stats: StatsResult
     quant: QuantizeResult | None
     attention: Any = None  # diagnose.attention_run.AttentionResult, unless switched off
+    kept: tuple[tuple[str, QuantizeResult], ...] = ()  # compare --mitigations --keep-float: (label, plain W8A8 run)
 
     def figures(self) -> dict[str, Any]:
         s = self.stats.summary

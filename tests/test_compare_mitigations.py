@@ -66,3 +66,37 @@ def test_table_fits_80_columns_with_worst_case_cells() -> None:
     assert "1.23e9" in text and "-12345.6%" in text and "4.11e4" in text
     assert max(len(line) for line in text.splitlines()) <= 80
     assert num(0.123456) == "0.1235" and num(219.14) == "219.1" and num(float("nan")) == "-"
+
+
+def test_keep_float_rows_match_quantize_and_keeping_everything_closes_the_whole_gap(
+        tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    ckpt = str(tiny_checkpoint("llama"))
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", f"vanilla={ckpt}", "--mitigations", "--smoothquant", "0.5", *SMALL,
+                                 "--keep-float", "model.layers.0", "--keep-float", "all=*", "--no-attention",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out / "mitigations.csv").set_index("row")
+    assert list(rows.index) == ["vanilla", "vanilla+smoothquant-0.5", "vanilla+keep-float model.layers.0",
+                                "vanilla+keep-float all"]
+    # every point in float: the "quantized" model is the float model, so the whole gap is closed
+    assert rows.loc["vanilla+keep-float all", "w8a8"] == pytest.approx(rows.loc["vanilla", "float"], rel=1e-6)
+    assert rows.loc["vanilla+keep-float all", "gap_closed"] == pytest.approx(1.0, abs=1e-4)
+    # the same keep set through `quantize --keep-float` gives the same W8A8 figure
+    q_out = tmp_path / "q"
+    q = runner.invoke(app, ["quantize", ckpt, "--samples", "4", "--seq-len", "32", "--batch-size", "4",
+                            "--calib-batches", "1", "--quiet", "--keep-float", "model.layers.0", "--out", str(q_out)])
+    assert q.exit_code == 0, q.output
+    assert rows.loc["vanilla+keep-float model.layers.0", "w8a8"] == pytest.approx(
+        pd.read_csv(q_out / "quantize.csv")["quantized"][0], rel=1e-9)
+    md = (out / "mitigations.md").read_text()
+    assert "--keep-float model.layers.0 --keep-float 'all=*'" in md
+
+
+def test_keep_float_needs_the_table_and_must_match(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    ckpt = str(tiny_checkpoint("llama"))
+    for args, message in ((["--keep-float", "model.layers.0"], "needs --mitigations"),
+                          (["--mitigations", "--keep-float", "no.such.module"], "no.such.module")):
+        result = runner.invoke(app, ["compare", ckpt, f"b={ckpt}", *args, *SMALL, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "x").exists()

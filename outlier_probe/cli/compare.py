@@ -47,6 +47,7 @@ def compare(
     smoothquant: o.SmoothQuant = None,
     rotate: o.Rotate = None,
     a_granularity: o.AGranularityOpt = None,
+    keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="With --mitigations: one more row per value, the first model with these points in float: [LABEL=]a plan.json from `sensitivity` or comma-separated fnmatch patterns (repeatable; e.g. plan=out/plan.json control='*.layers.0').")] = None,
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Skip the attention pass: no sink rate, null mass or massive-activation columns.")] = False,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
@@ -93,6 +94,7 @@ def compare(
         attention=not no_attention,
         mitigation_table=mitigations,
         mitigations=o.mitigations_from_options(smoothquant, rotate, a_granularity),
+        keep_float=keep_float_rows(keep_float),
     )
     if cfg.mitigations and not mitigations:
         raise UsageError("--smoothquant / --rotate / --a-granularity in compare need --mitigations")
@@ -127,3 +129,17 @@ def compare(
             c.print(f"[yellow]note:[/] {note}")
         c.print(f"reports: {target}/ (compare.csv, compare.json, compare.md{', layers.png' if 'layers.png' in written else ''}, "
                 f"{', '.join(e.name + '/' for e in cfg.entries)})")
+
+
+def keep_float_rows(values: list[str] | None) -> tuple:
+    """`--keep-float [LABEL=]VALUE` (repeatable) -> ((label, KeepFloat), ...): each value is one row of its own."""
+    from outlier_probe.quant.keep import parse_keep_float
+
+    rows = []
+    for value in values or []:
+        label, sep, rest = value.partition("=")
+        if not sep or not label or any(c in label for c in "*?[,/"):
+            label, rest = value, value
+        rows.append((label, parse_keep_float([rest])))
+    return tuple(rows)
+

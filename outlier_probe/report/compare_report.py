@@ -176,6 +176,8 @@ def command_line(result: CompareResult) -> str:
         parts += ["--smoothquant", ",".join(alphas)] if alphas else []
         parts += ["--rotate", "hadamard"] if any(m.get("rotate") for m in given) else []
         parts += ["--a-granularity", "per-token"] if any(m.get("a_granularity") == "per-token" for m in given) else []
+        for label, keep in s.get("keep_float") or []:
+            parts += ["--keep-float", keep["source"] if label == keep["source"] else f"{label}={keep['source']}"]
     parts += ["--dtype", load["dtype"], "--device", load["device"]]
     if load["trust_remote_code"]:
         parts.append("--trust-remote-code")
