@@ -44,6 +44,10 @@ def run_calls(calls: Sequence[Call], jobs: int, labels: Sequence[str], threads: 
     try:
         with _sigint_ignored():  # spawned now: the workers start with SIGINT ignored (no traceback from their imports)
             futures = [pool.submit(fn, *args) for fn, args in calls]
+            # CPython 3.11 spawns workers on demand and wakes its manager thread BEFORE spawning the new one, so
+            # the manager can be left watching the earlier workers only: a later worker's death then goes unseen
+            # until some other worker returns (seen: 120 s). One more submit wakes it after every spawn.
+            pool.submit(int)
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f.exception() for f in futures if f in done and f.exception() is not None]
         if any(isinstance(err, BrokenProcessPool) for err in failed):  # every unfinished call fails with it

@@ -38,12 +38,7 @@ def layer_curves(runs: Mapping[str, Sequence[dict[str, Any]]], out: Path, title:
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(title or "outliers by layer")
-    fig.tight_layout()
-    try:
-        return write_figure(out, fig, dpi=110)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, out, 110, title=title or "outliers by layer")
 
 
 def histogram(edges: Sequence[float], counts: Sequence[int], out: Path, title: str) -> Path:
@@ -61,11 +56,7 @@ def histogram(edges: Sequence[float], counts: Sequence[int], out: Path, title: s
     ax.set_ylabel("count")
     ax.set_title(f"{title}  (below {edges[0]:g}: {counts[0]}, above {edges[-1]:g}: {counts[-1]})", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return write_figure(out, fig, dpi=110)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, out, 110)
 
 
 def training_curves(rows: Sequence[dict[str, Any]], out: Path, title: str = "outliers during training") -> Path:
@@ -82,12 +73,7 @@ def training_curves(rows: Sequence[dict[str, Any]], out: Path, title: str = "out
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
     axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        return write_figure(out, fig, dpi=110)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, out, 110, title=title)
 
 
 RETROFIT_PANELS = (("eval_loss", "held-out objective"), ("avg_kurtosis", "avg kurtosis, all sites"),
@@ -113,9 +99,15 @@ def retrofit_curves(rows: Sequence[dict[str, Any]], out: Path, title: str) -> Pa
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title)
+    return _finish(plt, fig, out, 100, title=title)
+
+
+def _finish(plt: Any, fig: Any, out: Path, dpi: int, title: str | None = None) -> Path:
+    """Title, tight layout, atomic write, and the figure closed whatever happens."""
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
     try:
-        return write_figure(out, fig, dpi=100)
+        return write_figure(out, fig, dpi=dpi)
     finally:
         plt.close(fig)
