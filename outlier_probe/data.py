@@ -223,15 +223,8 @@ def _token_array(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
-    # Tokenize in paragraph blocks: fast tokenizers are quick, and we avoid the model-length warning.
-    blocks, ids = text.split("\n\n"), []
-    step = 200
-    for i in range(0, len(blocks), step):
-        piece = "\n\n".join(blocks[i : i + step])
-        if i + step < len(blocks):
-            piece += "\n\n"
-        ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
-    return ids
+    """Token ids of `text` (no special tokens) as a list: the same blocks as _token_array."""
+    return _token_array(tokenizer, text).tolist()
 
 
 # --------------------------------------------------------------------------------------------- images
