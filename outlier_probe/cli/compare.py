@@ -40,7 +40,7 @@ def compare(
     w_estimator: o.WEstimator = None,
     a_estimator: o.AEstimator = None,
     percentile: o.Percentile = 99.999,
-    calib_batches: o.CalibBatches = 4,
+    calib_batches: o.CalibBatches = None,
     metric: o.Metric = None,
     no_quantize: Annotated[bool, typer.Option("--no-quantize", help="Outlier statistics only: no evaluation, so the FP / W8A8 / degradation columns are left out of the table and are NaN (empty in CSV, null in JSON).")] = False,
     mitigations: Annotated[bool, typer.Option("--mitigations", help="One table of the first (vanilla) model with each post-training mitigation and every other model (architecture variants): float, W8A8, gap closed, kurtosis, inf-norm, sink rate. One checkpoint is enough.")] = False,
@@ -83,7 +83,8 @@ def compare(
     from outlier_probe.report.compare_report import compare_document, compare_table, write_compare_report
 
     base = o.load_config("", dtype, device, trust_remote_code, None, tokenizer, device_map, max_memory, offload_folder)
-    (quant,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
+    (quant,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile,
+                                 calib_batches, samples, batch_size)
     cfg = CompareConfig(
         entries=resolve_entries(checkpoints, base),
         data=o.data_config(data, dataset, include_files, 32 if samples is None else samples, seq_len, batch_size, seed),

@@ -39,7 +39,7 @@ PerChannel = Annotated[bool, typer.Option("--per-channel", help="Weights per out
 WEstimator = Annotated[Optional[Estimator], typer.Option("--w-estimator", help="Weight range estimator.")]
 AEstimator = Annotated[Optional[Estimator], typer.Option("--a-estimator", help="Activation range estimator.")]
 Percentile = Annotated[float, typer.Option("--percentile", help="Upper percentile for the percentile estimator.")]
-CalibBatches = Annotated[int, typer.Option("--calib-batches", help="Calibration batches (taken after the evaluation sequences).")]
+CalibBatches = Annotated[Optional[int], typer.Option("--calib-batches", help="Calibration batches, taken after the evaluation sequences (default: 4, but no more than the batches evaluated).")]
 KeepFloatOpt = Annotated[Optional[list[str]], typer.Option("--keep-float", help="Leave these quantization points in float: a plan.json from `sensitivity`, or comma-separated fnmatch patterns on module / point names (repeatable).")]
 Metric = Annotated[Optional[MetricName], typer.Option("--metric", help="Metric to require (default: the model's natural one).")]
 

@@ -15,13 +15,17 @@ from outlier_probe.distributed import is_main
 from outlier_probe.config import Device, DType
 from outlier_probe.errors import UsageError
 from outlier_probe.quant.quantizer import Estimator
-from outlier_probe.quant.recipes import Backend, QuantConfig, Recipe
+from outlier_probe.quant.recipes import Backend, QuantConfig, Recipe, default_calib_batches
 
 
 def recipes_from_options(recipe: list[str] | None, bits: int | None, w_bits: int | None, a_bits: int | None,
                          per_channel: bool, w_estimator: Estimator | None, a_estimator: Estimator | None,
-                         percentile: float, calib_batches: int) -> tuple[QuantConfig, ...]:
-    """CLI options -> recipes. --bits sets both widths; --w-bits / --a-bits override it."""
+                         percentile: float, calib_batches: int | None, samples: int | None,
+                         batch_size: int) -> tuple[QuantConfig, ...]:
+    """CLI options -> recipes. --bits sets both widths; --w-bits / --a-bits override it; --calib-batches
+    defaults to default_calib_batches(samples, batch_size)."""
+    if calib_batches is None:
+        calib_batches = default_calib_batches(samples, batch_size)
     if bits is not None and not 2 <= bits <= 16:
         raise UsageError(f"--bits must be between 2 and 16, got {bits}")
     names = recipe or [Recipe.paper.value]
@@ -60,7 +64,7 @@ def quantize(
     w_estimator: o.WEstimator = None,
     a_estimator: o.AEstimator = None,
     percentile: o.Percentile = 99.999,
-    calib_batches: o.CalibBatches = 4,
+    calib_batches: o.CalibBatches = None,
     backend: Annotated[Optional[list[Backend]], typer.Option("--backend", help="Also run a real backend: bnb-int8 (LLM.int8).")] = None,
     metric: o.Metric = None,
     keep_float: o.KeepFloatOpt = None,
@@ -92,7 +96,8 @@ def quantize(
     from outlier_probe.report.io import all_or_nothing, check_out_dir
     from outlier_probe.report.quant_report import quantize_document, runs_table, sites_tables, write_quantize_report
 
-    recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
+    recipes = recipes_from_options(recipe, bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile,
+                                   calib_batches, samples, batch_size)
     cfg = QuantizeConfig(
         load=o.load_config(checkpoint, dtype, device, trust_remote_code, attention, tokenizer, device_map, max_memory, offload_folder),
         data=o.data_config(data, dataset, include_files, 32 if samples is None else samples, seq_len, batch_size, seed),

@@ -33,7 +33,7 @@ def sensitivity(
     w_estimator: o.WEstimator = None,
     a_estimator: o.AEstimator = None,
     percentile: o.Percentile = 99.999,
-    calib_batches: o.CalibBatches = 4,
+    calib_batches: o.CalibBatches = None,
     metric: o.Metric = None,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
@@ -63,7 +63,8 @@ def sensitivity(
     from outlier_probe.report.io import all_or_nothing, check_out_dir
     from outlier_probe.report.sensitivity_report import groups_table, plan_table, sensitivity_document, write_sensitivity_report
 
-    (rec,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile, calib_batches)
+    (rec,) = recipes_from_options([recipe], bits, w_bits, a_bits, per_channel, w_estimator, a_estimator, percentile,
+                                 calib_batches, samples, batch_size)
     patterns = tuple(p.strip() for p in (groups or "").split(",") if p.strip())
     if groups is not None and not patterns:
         raise UsageError("--groups is empty; give fnmatch patterns such as 'layer.*'")

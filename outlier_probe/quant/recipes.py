@@ -36,6 +36,21 @@ class Backend(str, enum.Enum):
     bnb_int8 = "bnb-int8"  # bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0)
 
 
+CALIB_BATCHES = 4  # DESIGN: "a few batches" (OPT: 4 x 512 tokens)
+
+
+def default_calib_batches(samples: int | None, batch_size: int) -> int:
+    """--calib-batches when not given: 4 batches, but no more batches than are evaluated.
+
+    At the default 32 sequences in batches of 8 that is the 4 batches of the papers' recipe; a quick
+    `--samples 8` check calibrates on one batch of 8 sequences instead of 32, so calibration never costs
+    more than the evaluation it serves. samples None (a forecaster's "every test window"): 4.
+    """
+    if samples is None:
+        return CALIB_BATCHES
+    return max(1, min(CALIB_BATCHES, -(-samples // batch_size)))
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """A resolved quantization recipe."""
@@ -48,7 +63,7 @@ class QuantConfig:
     a_estimator: Estimator = Estimator.running_minmax
     percentile: float = 99.999
     momentum: float = 0.9
-    calib_batches: int = 4
+    calib_batches: int = CALIB_BATCHES
     per_token: bool = False  # activations: dynamic per-token min-max scales instead of a static per-tensor range
 
     def __post_init__(self) -> None:

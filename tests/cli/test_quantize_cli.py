@@ -17,7 +17,7 @@ from outlier_probe.cli.main import app
 from outlier_probe.cli.quantize import recipes_from_options
 from outlier_probe.errors import UsageError
 from outlier_probe.quant.quantizer import Estimator
-from outlier_probe.quant.recipes import Recipe
+from outlier_probe.quant.recipes import Recipe, default_calib_batches
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
@@ -67,13 +67,33 @@ def test_bad_input_is_one_error_line_and_exit_2(args: list[str], message: str, t
 
 
 def test_bits_flags_resolve_into_recipes() -> None:
-    (rec,) = recipes_from_options(None, 4, 8, None, True, None, Estimator.percentile, 99.9, 2)
+    (rec,) = recipes_from_options(None, 4, 8, None, True, None, Estimator.percentile, 99.9, 2, 32, 8)
     assert (rec.recipe, rec.w_bits, rec.a_bits, rec.per_channel) == (Recipe.paper, 8, 4, True)
     assert rec.a_estimator is Estimator.percentile and rec.percentile == 99.9 and rec.calib_batches == 2
-    paper, linear = recipes_from_options(["paper", "linear"], None, None, None, False, None, None, 99.999, 4)
+    paper, linear = recipes_from_options(["paper", "linear"], None, None, None, False, None, None, 99.999, 4, 32, 8)
     assert (paper.w_bits, paper.a_bits, linear.recipe) == (8, 8, Recipe.linear)
     with pytest.raises(UsageError, match="--a-bits"):
-        recipes_from_options(None, 8, None, 0, False, None, None, 99.999, 4)
+        recipes_from_options(None, 8, None, 0, False, None, None, 99.999, 4, 32, 8)
+
+
+@pytest.mark.parametrize(("samples", "batch_size", "expected"), [(32, 8, 4), (8, 8, 1), (9, 8, 2), (64, 8, 4), (1, 8, 1)])
+def test_calibration_defaults_to_4_batches_but_never_more_than_are_evaluated(samples: int, batch_size: int,
+                                                                             expected: int) -> None:
+    assert default_calib_batches(samples, batch_size) == expected
+    (rec,) = recipes_from_options(None, None, None, None, False, None, None, 99.999, None, samples, batch_size)
+    assert rec.calib_batches == expected
+    (rec,) = recipes_from_options(None, None, None, None, False, None, None, 99.999, 3, samples, batch_size)
+    assert rec.calib_batches == 3, "an explicit --calib-batches wins"
+    assert default_calib_batches(None, 8) == 4, "a forecaster's every-window default keeps the recipe's 4"
+
+
+def test_a_quick_run_calibrates_on_as_many_sequences_as_it_evaluates(tiny_checkpoint: Callable[..., Path],
+                                                                    tmp_path: Path) -> None:
+    result = quantize(tiny_checkpoint("opt"), *SMALL, "--out", tmp_path / "q")  # 8 sequences in batches of 4
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert doc["settings"]["recipes"][0]["calib_batches"] == 2
+    assert doc["calibration"]["batches"] == 2 and doc["calibration"]["sequences"] == 8
 
 
 def test_a_run_writes_the_documented_reports(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
