@@ -296,7 +296,8 @@ def bench_retrofit(steps: int = 12, rounds: int = 3) -> None:
 
     from outlier_probe.data import builtin_text
     from outlier_probe.loading import save_checkpoint
-    from outlier_probe.retrofit import RetrofitConfig, run_retrofit
+    from outlier_probe.retrofit import run_retrofit
+    from outlier_probe.retrofit_config import RetrofitConfig
     from outlier_probe.train import TrainConfig, build_tokenizer, train
 
     times: list[tuple[float, float, float]] = []  # (train step, control step, softmax1 step) per round

@@ -90,7 +90,8 @@ def test_train_from_places_the_checkpoint_and_refuses_weights_on_disk(tiny_check
 
 
 def test_retrofit_places_the_checkpoint_and_refuses_weights_on_disk(tiny_checkpoint, text_file: Path, one_thread) -> None:
-    from outlier_probe.retrofit import RetrofitConfig, run_retrofit
+    from outlier_probe.retrofit import run_retrofit
+    from outlier_probe.retrofit_config import RetrofitConfig
 
     def cfg(placement: Placement) -> RetrofitConfig:
         return RetrofitConfig(source=str(tiny_checkpoint("gpt2")), data=text_file, variants=("softmax1",), steps=1, batch_size=2,

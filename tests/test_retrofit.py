@@ -13,7 +13,9 @@ from outlier_probe import arch
 from outlier_probe.config import AttentionVariant, Device, LoadConfig
 from outlier_probe.errors import UsageError
 from outlier_probe.loading import load_model
-from outlier_probe.retrofit import PRESETS, Objective, RetrofitConfig, make_twin, objective_loss, resolve_objective, run_retrofit
+from outlier_probe.retrofit import make_twin, run_retrofit
+from outlier_probe.retrofit_config import PRESETS, RetrofitConfig
+from outlier_probe.retrofit_objective import Objective, objective_loss, resolve_objective
 
 
 def tiny_cfg(ckpt: Path, data: Path, **kw: Any) -> RetrofitConfig:
@@ -128,7 +130,7 @@ def test_one_held_out_pass_equals_the_separate_passes(tiny_checkpoint: Callable[
     from outlier_probe.config import DataConfig, StatsConfig
     from outlier_probe.data import text_batches
     from outlier_probe.diagnose.attention_run import AttentionConfig, run_attention
-    from outlier_probe.retrofit import held_out_metric, teacher_targets
+    from outlier_probe.retrofit_objective import held_out_metric, teacher_targets
     from outlier_probe.retrofit_measure import held_out_pass
     from outlier_probe.stats.run import measure_sites
 

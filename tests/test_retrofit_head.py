@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from outlier_probe.config import Device, LoadConfig
 from outlier_probe.errors import UsageError
 from outlier_probe.loading import load_model
-from outlier_probe.retrofit import Objective, RetrofitConfig, resolve_objective, run_retrofit
+from outlier_probe.retrofit import run_retrofit
+from outlier_probe.retrofit_config import RetrofitConfig
 from outlier_probe.retrofit_head import HEAD_FILE, MLMHead, make_head, masked_loss, train_head
+from outlier_probe.retrofit_objective import Objective, resolve_objective
 
 
 @pytest.fixture(scope="module")

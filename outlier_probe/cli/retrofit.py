@@ -58,7 +58,8 @@ def retrofit_command(
     from outlier_probe.errors import UsageError
     from outlier_probe.report.io import check_out_dir, ensure_writable_dir
     from outlier_probe.report.retrofit_report import OUTPUTS, retrofit_table, write
-    from outlier_probe.retrofit import RetrofitConfig, run_retrofit
+    from outlier_probe.retrofit import run_retrofit
+    from outlier_probe.retrofit_config import RetrofitConfig
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
@@ -129,7 +130,7 @@ def _twin_doc(twin: object, cfg: object) -> dict:
 def _read_parts(parts: Path, cfg: object) -> dict:
     """Twins finished by an interrupted run with the same settings (others are redone)."""
     from outlier_probe.config import AttentionVariant
-    from outlier_probe.retrofit import Twin
+    from outlier_probe.retrofit_config import Twin
     from outlier_probe.retrofit_measure import Measurement
     from outlier_probe.stats.run import settings_of
 

@@ -66,7 +66,7 @@ class RangeEstimator(ABC):
         self._max: Tensor | None = None
         self.num_batches = 0
         # (min, max) of each batch seen, in order: O(calibration batches), so that a data-parallel run
-        # can replay all ranks' batches in the global order (distributed.merge_calibration)
+        # can replay all ranks' batches in the global order (distributed_merge.merge_calibration)
         self.history: list[tuple[Tensor, Tensor]] = []
 
     @property

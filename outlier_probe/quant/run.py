@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from outlier_probe import arch, distributed
+from outlier_probe import arch, distributed, distributed_merge
 from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, SiteKind, StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError, UsageError
@@ -114,7 +114,7 @@ def calibrate(qmodel: nn.Module, batches: Batches) -> None:
     for batch in mine:
         forward(backbone, batch, device)
         marks.append([len(q.estimator.history) for q in quantizers])
-    distributed.merge_calibration(quantizers, distributed.global_indices(mine), marks, len(batches.batches))
+    distributed_merge.merge_calibration(quantizers, distributed.global_indices(mine), marks, len(batches.batches))
     freeze_all(qmodel)
 
 
@@ -261,7 +261,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
     sites = _stats_sites(loaded.model, first[1]) if first is not None and cfg.site_stats else []
     with observe(sites, lambda _s: OutlierObserver(ObserverConfig()), root=loaded.model) as observers:
         float_score = evaluator(loaded.model, step("float"))
-    distributed.merge_observers(observers)
+    distributed_merge.merge_observers(observers)
     site_stats: dict[str, Any] = {s.name: observers[s.name].result() for s in sites}
     site_stats = {k: v for k, v in site_stats.items() if v.count > 0}
     if not math.isfinite(float_score.value):

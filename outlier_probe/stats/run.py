@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from outlier_probe import arch, distributed
+from outlier_probe import arch, distributed, distributed_merge
 from outlier_probe.config import StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError, UsageError
@@ -64,7 +64,7 @@ def measure_sites(loaded: LoadedModel, batches: Batches, cfg: StatsConfig, progr
             release_free_memory()  # peak memory flat in the number of batches (stats/heap.py)
             if progress is not None:
                 progress(i + 1, total)
-    distributed.merge_observers(observers)  # every rank now holds the statistics of all the data
+    distributed_merge.merge_observers(observers)  # every rank now holds the statistics of all the data
     return site_results(sites, observers)
 
 
