@@ -152,7 +152,8 @@ def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> Compare
         if cfg.quantize:
             mitigations = default_mitigations(loaded.model, cfg) if cfg.mitigation_table and not runs else ()
             qcfg = QuantizeConfig(load=entry.load, data=cfg.data, recipes=(cfg.recipe,), metric=cfg.metric,
-                                  mitigations=mitigations, mitigation_stats=bool(mitigations))
+                                  mitigations=mitigations, mitigation_stats=bool(mitigations),
+                                  score_transformed=bool(mitigations))
             step = None if progress is None else (lambda d, t, label, n=entry.name: progress(d, t, f"{n}: evaluating {label}"))
             quant = run_quantize(qcfg, progress=step, loaded=loaded)
         kept = tuple((label, run_quantize(replace(qcfg, mitigations=(), mitigation_stats=False, keep_float=keep),

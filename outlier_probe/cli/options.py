@@ -77,6 +77,8 @@ def default_out(checkpoint: str, out: Path | None, suffix: str = "") -> Path:
 # post-training mitigations (quantize, compare --mitigations)
 SmoothQuant = Annotated[Optional[str], typer.Option("--smoothquant", help="SmoothQuant migration strength alpha in [0, 1], or a comma-separated sweep (0.3,0.5,0.7,0.85): one run each.")]
 Rotate = Annotated[Optional[str], typer.Option("--rotate", help="hadamard: QuaRot-style rotation of the residual stream fused into the weights (llama family), plus an online rotation before each down projection.")]
+ScoreTransformed = Annotated[bool, typer.Option("--score-transformed", help="Also score each SmoothQuant / rotated float model on the evaluation data (one more float pass per run; transform_error, on one calibration sequence, is always measured).")]
+ActScales = Annotated[Optional[Path], typer.Option("--act-scales", help="SmoothQuant input maxima from an earlier --smoothquant run (its act_scales.safetensors or report folder): skips their float pass over the calibration batches.")]
 AGranularityOpt = Annotated[Optional[str], typer.Option("--a-granularity", help="per-token: also run dynamic per-token activation scales (per-tensor static is the plain run).")]
 
 

@@ -71,6 +71,8 @@ def quantize(
     smoothquant: o.SmoothQuant = None,
     rotate: o.Rotate = None,
     a_granularity: o.AGranularityOpt = None,
+    score_transformed: o.ScoreTransformed = False,
+    act_scales: o.ActScales = None,
     data: o.DataPath = None,
     dataset: o.Dataset = None,
     include_files: o.Include = "*.txt",
@@ -106,6 +108,8 @@ def quantize(
         metric=metric,
         keep_float=parse_keep_float(keep_float),
         mitigations=o.mitigations_from_options(smoothquant, rotate, a_granularity),
+        score_transformed=score_transformed,
+        act_scales=act_scales,
     )
     from outlier_probe.forecast.run import is_forecaster, run_forecast_quantize
 

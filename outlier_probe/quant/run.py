@@ -6,6 +6,7 @@ import gc
 import math
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,7 +21,7 @@ from outlier_probe.loading import LoadedModel, load_model
 from outlier_probe.offload import execution_device
 from outlier_probe.quant.keep import KeepFloat
 from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, iter_act_quantizers, set_mode
-from outlier_probe.quant.mitigations.apply import AGranularity, Mitigation, apply_mitigation
+from outlier_probe.quant.mitigations.apply import AGranularity, Mitigation, apply_mitigation, transform_error
 from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quant_points, quantize_model
 from outlier_probe.stats.hooks import observe
 from outlier_probe.stats.observer import OutlierObserver
@@ -41,6 +42,10 @@ class QuantizeConfig:
     keep_float: KeepFloat | None = None  # quantization points left in float (a sensitivity plan or patterns)
     mitigations: tuple[Mitigation, ...] = ()  # runs next to each recipe's plain W8A8 (always run: the baseline)
     mitigation_stats: bool = False  # also measure outlier statistics of each transformed float model (compare)
+    # also score each transformed float model on the evaluation data: one more float pass per run, that only
+    # confirms what transform_error (always measured, on one calibration sequence) already shows
+    score_transformed: bool = False
+    act_scales: Path | None = None  # SmoothQuant input maxima from an earlier run (skips their float pass)
 
 
 @dataclass
@@ -51,7 +56,8 @@ class RunResult:
     recipe: QuantConfig | None
     sites: list[dict[str, Any]] = field(default_factory=list)
     mitigation: str = "plain"
-    transformed_float: float = math.nan  # the mitigated float model's score (= float for exact transforms)
+    transformed_float: float = math.nan  # the mitigated float model's score (NaN: not scored, see score_transformed)
+    transform_error: float = 0.0  # max |y' - y| / max |y| of the transformed float model on one calibration sequence
     gap_closed: float = math.nan  # (plain gap - this gap) / plain gap, gaps = degradation from float
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +80,7 @@ class RunResult:
             "description": r.describe() if r else "bitsandbytes LLM.int8: Linear8bitLt, threshold 6.0, fp16 outlier columns",
             "mitigation": self.mitigation,
             "transformed_float": self.transformed_float,
+            "transform_error": self.transform_error,
             "gap_closed": self.gap_closed,
         }
 
@@ -87,6 +94,8 @@ class QuantizeResult:
     settings: dict[str, Any]
     metric_note: str
     site_summary: dict[str, Any] | None = None
+    act_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # SmoothQuant input maxima used (if any)
+    act_scales_source: str = ""  # where they came from: the calibration batches measured, or a file
 
     def rows(self) -> list[dict[str, Any]]:
         return [r.row() for r in self.runs]
@@ -246,6 +255,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
     for recipe in cfg.recipes if cfg.keep_float else ():
         check_keep_float(loaded, recipe, cfg.keep_float)
     check_mitigations(loaded.model, cfg.mitigations)
+    preloaded = _preloaded_act_scales(cfg, loaded.model)
     torch.manual_seed(cfg.data.seed)
     image_size = getattr(loaded.model.config, "image_size", None)
     batches = batches_for_model(loaded.processor, loaded.info, cfg.data, image_size)
@@ -287,7 +297,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         meter.merge()
         del qmodel
         runs += _mitigated_runs(cfg, loaded, recipe, calib, evaluator, float_score, q_score, step,
-                                absmax_caches.setdefault(calib_cfg, {}))
+                                absmax_caches.setdefault(calib_cfg, dict(preloaded)))
         plain_index = len(runs) - len(cfg.mitigations)
         site_rows = sqnr_site_rows(cfg, loaded, batches, qsites, meter, site_stats)
         runs.insert(plain_index, RunResult(_run_name(recipe, cfg.recipes), float_score, q_score, recipe, site_rows,
@@ -304,6 +314,10 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
             runs.append(RunResult(backend.value, float_score, q_score, None))
             del qmodel
             gc.collect()
+    used = next((c for c in absmax_caches.values() if c), {})  # the first recipe's calibration set
+    if used:
+        source = (f"loaded from {cfg.act_scales}" if preloaded else
+                  f"measured on the calibration batches ({calib_sets[next(k for k, c in absmax_caches.items() if c)].description})")
     summary = None
     if site_stats:
         summary = summarize([{"site": k, "kind": "", "layer": None, **v.to_row()} for k, v in site_stats.items()])
@@ -315,6 +329,8 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         settings=settings_of(cfg),
         metric_note=METRIC_NOTES[float_score.metric],
         site_summary=summary,
+        act_scales=used,
+        act_scales_source=source if used else "",
     )
 
 
@@ -324,6 +340,17 @@ def check_mitigations(model: nn.Module, mitigations: tuple[Mitigation, ...]) -> 
         arch.rotation_layout(model)
     if any(m.smoothquant is not None for m in mitigations):
         arch.smoothing_groups(model)
+
+
+def _preloaded_act_scales(cfg: QuantizeConfig, model: nn.Module) -> dict[str, torch.Tensor]:
+    """--act-scales, read and checked against the model before any work ({} without it)."""
+    if cfg.act_scales is None:
+        return {}
+    if not any(m.smoothquant is not None for m in cfg.mitigations):
+        raise UsageError("--act-scales holds SmoothQuant's input maxima: give it with --smoothquant")
+    from outlier_probe.quant.mitigations.smoothing import load_act_scales
+
+    return load_act_scales(cfg.act_scales, model)
 
 
 def degradation(float_value: float, quant_value: float, higher_is_better: bool) -> float:
@@ -339,7 +366,8 @@ def gap_closed(plain_loss: float, mitigated_loss: float) -> float:
 def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfig, calib: Batches,
                     evaluator: Evaluator, float_score: Score, plain: Score, step: Callable,
                     cache: dict[str, torch.Tensor]) -> list[RunResult]:
-    """One run per mitigation: transform a copy of the float model, score it in float, quantize, score.
+    """One run per mitigation: transform a copy of the float model, check it against the original on one
+    calibration sequence (and score it in float with score_transformed), quantize, calibrate, score.
 
     cache: SmoothQuant's input maxima of the float model on `calib`, measured once for every alpha.
     """
@@ -352,8 +380,13 @@ def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfi
                                           cfg.data.seed, cache)
         mit_recipe = replace(recipe, per_token=mit.a_granularity is AGranularity.per_token)
         label = f"{_run_name(recipe, cfg.recipes)}+{mit.name}"
-        with torch.inference_mode():
-            transformed = evaluator(model, step(f"{label} float")).value if mit.transforms_weights else float_score.value
+        transformed, error = float_score.value, 0.0  # the same model when nothing transforms the weights
+        if mit.transforms_weights:
+            error = transform_error(loaded.model, model, calib.batches[0], lambda m, b: forward(m, b, device))
+            transformed = math.nan
+            if cfg.score_transformed:
+                with torch.inference_mode():
+                    transformed = evaluator(model, step(f"{label} float")).value
         if cfg.mitigation_stats and mit.transforms_weights:
             from outlier_probe.stats.run import run_stats
 
@@ -365,6 +398,7 @@ def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfi
         q_score = evaluator(qmodel, step(label))
         loss = degradation(float_score.value, q_score.value, higher)
         runs.append(RunResult(label, float_score, q_score, mit_recipe, mitigation=mit.name, transformed_float=transformed,
+                              transform_error=error,
                               gap_closed=gap_closed(plain_loss, loss), details=details))
         del qmodel, model
         gc.collect()

@@ -194,6 +194,16 @@ def write_csv(path: Path, frame: "Any") -> Path:
     return Path(path)
 
 
+def write_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """Save named tensors as safetensors (with string metadata), atomically."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
 def write_figure(path: Path, figure: Any, **savefig_kwargs: Any) -> Path:
     """Save a matplotlib figure, atomically."""
     with atomic_open(path, "wb") as handle:

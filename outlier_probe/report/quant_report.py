@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json
+from outlier_probe.report.io import ensure_writable_dir, write_csv, write_json, write_tensors
 from outlier_probe.report.meta import header
 from outlier_probe.report.numbers import compact, percent
 from outlier_probe.report.stats_report import SHORT_KIND
@@ -16,7 +16,7 @@ from outlier_probe.stats.summary import DEFINITIONS
 
 RUN_COLUMNS = ["run", "metric", "higher_is_better", "float", "quantized", "abs_change", "rel_change",
                "w_bits", "a_bits", "per_channel", "w_estimator", "a_estimator", "description",
-               "mitigation", "transformed_float", "gap_closed"]
+               "mitigation", "transformed_float", "transform_error", "gap_closed"]
 SITE_COLUMNS = ["run", "site", "kind", "layer", "sqnr_db", "paper_kurtosis", "paper_inf_norm", "range_min", "range_max"]
 
 
@@ -31,6 +31,8 @@ def quantize_document(result: Any) -> dict[str, Any]:
         "definitions": {**DEFINITIONS, "sqnr_db": "10 log10(sum x^2 / sum (x - q(x))^2) at the site over the evaluation batches"},
         "runs": result.rows(),
         "site_summary": result.site_summary,
+        **({"act_scales": {"file": "act_scales.safetensors", "source": result.act_scales_source}}
+           if getattr(result, "act_scales", None) else {}),
     }
 
 
@@ -42,7 +44,19 @@ def write_quantize_report(result: Any, out: Path) -> dict[str, Path]:
         "quantize.csv": write_csv(out / "quantize.csv", pd.DataFrame(result.rows(), columns=RUN_COLUMNS)),
         "sites.csv": write_csv(out / "sites.csv", pd.DataFrame(result.site_rows(), columns=SITE_COLUMNS).astype({"layer": "Int64"})),
         "summary.json": write_json(out / "summary.json", quantize_document(result)),
+        **_act_scales(result, out),
     }
+
+
+def _act_scales(result: Any, out: Path) -> dict[str, Path]:
+    """SmoothQuant's input maxima, for `quantize --act-scales` to reuse (as the reference code's act_scales/)."""
+    from outlier_probe.quant.mitigations.smoothing import ACT_SCALES_FILE
+
+    if not getattr(result, "act_scales", None):
+        return {}
+    meta = {"tool": "outlier-probe", "model": str(result.model.get("name", "")), "source": result.act_scales_source,
+            "content": "max |x_j| per input channel j of each smoothed Linear, float32"}
+    return {ACT_SCALES_FILE: write_tensors(out / ACT_SCALES_FILE, result.act_scales, meta)}
 
 
 def runs_table(result: Any) -> Table:
@@ -98,6 +112,7 @@ def mitigation_table(result: Any) -> Table:
     for r in rows:
         closed = r["gap_closed"]
         style = "green" if closed > 0.05 else ("red" if closed < -0.05 else "yellow")
-        table.add_row(r["run"], compact(r["transformed_float"]), compact(r["quantized"]),
+        shown = r["transformed_float"] if math.isfinite(r["transformed_float"]) else r["float"]
+        table.add_row(r["run"], compact(shown), compact(r["quantized"]),
                       "-" if math.isnan(closed) else f"[{style}]{percent(closed, signed=True)}[/]")
     return table

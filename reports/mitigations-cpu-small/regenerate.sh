@@ -29,12 +29,12 @@ V="$CKPT/opt-softmax"
 for recipe in paper linear; do
   plan="$OUT/sensitivity-$recipe"
   [ -f "$plan/plan.json" ] || $OP sensitivity "$V" --recipe "$recipe" --groups 'layer.*' --budget "${BUDGET:-0.5%}" \
-      --seed 100 --samples 32 --seq-len 128 --batch-size 16 --quiet --out "$plan" || [ -f "$plan/plan.json" ]
+      --seed 100 --samples 32 --seq-len 128 --batch-size 16 --calib-batches 4 --quiet --out "$plan" || [ -f "$plan/plan.json" ]
   # a plan that keeps nothing (plain W8A8 already within the budget: `linear` here) gets no keep-float rows
   python3 "$OUT/control_plan.py" "$plan" > "$plan/control.txt" || rm -f "$plan/control.txt"
 done
 for seed in $SEEDS; do
-  common=(--samples 32 --seq-len 128 --batch-size 16 --seed "$seed" --quiet)
+  common=(--samples 32 --seq-len 128 --batch-size 16 --calib-batches 4 --seed "$seed" --quiet)
   run "$OUT/runs/seed$seed/mitigations" "$V" "${common[@]}" --recipe paper --recipe linear \
       --smoothquant 0.3,0.5,0.7,0.85 --a-granularity per-token
   for recipe in paper linear; do
@@ -56,4 +56,4 @@ python3 reports/mitigations-minilm/make_table.py "$OUT"
 [ -f "$OUT/compare/mitigations.csv" ] || $OP compare vanilla="$V" $(for v in "${VARIANTS[@]}"; do printf '%s=%s ' "$v" "$CKPT/opt-$v"; done) \
     --mitigations --smoothquant 0.3,0.5,0.7,0.85 --a-granularity per-token \
     --keep-float plan="$OUT/sensitivity-paper/plan.json" --keep-float control="$(cat "$OUT/sensitivity-paper/control.txt")" \
-    --samples 32 --seq-len 128 --batch-size 16 --seed 0 --no-plots --quiet --out "$OUT/compare"
+    --samples 32 --seq-len 128 --batch-size 16 --calib-batches 4 --seed 0 --no-plots --quiet --out "$OUT/compare"

@@ -46,7 +46,7 @@ def collect(out: Path) -> pd.DataFrame:
             higher = bool(r["higher_is_better"])
             loss = (r["float"] - r["quantized"]) if higher else (r["quantized"] - r["float"])
             rows.append({"seed": seed, "recipe": recipe, "mitigation": name or r["mitigation"], "kind": row_kind,
-                         "metric": r["metric"], "float": r["transformed_float"], "w8a8": r["quantized"], "loss": loss})
+                         "metric": r["metric"], "float": r["float"] if pd.isna(r["transformed_float"]) else r["transformed_float"], "w8a8": r["quantized"], "loss": loss})
     if not rows:
         raise SystemExit(f"make_table: no runs/seed*/*/quantize.csv under {out}")
     df = pd.DataFrame(rows)

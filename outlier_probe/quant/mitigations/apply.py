@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from outlier_probe.errors import UsageError
@@ -84,3 +85,18 @@ def apply_mitigation(model: nn.Module, mitigation: Mitigation, calib: list[dict[
                                "max_scale": max(float(s.max()) for s in scales.values()),
                                "min_scale": min(float(s.min()) for s in scales.values())}
     return out, done
+
+
+@torch.inference_mode()
+def transform_error(original: nn.Module, transformed: nn.Module, batch: dict[str, Tensor],
+                    run: Callable[[nn.Module, dict[str, Tensor]], Any]) -> float:
+    """max |y' - y| / max |y| of the two models' outputs (logits, or the last hidden state) on the first
+    sequence of `batch`: float32 rounding (~1e-6) for an exact transform, and a transform that changes the
+    model shows at once, for two forwards of one sequence instead of a float evaluation."""
+    one = {k: v[:1] for k, v in batch.items()}
+    y, y_new = (_first_output(run(m, one)).float() for m in (original, transformed))
+    return float((y_new - y).abs().max() / y.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def _first_output(out: Any) -> Tensor:
+    return out if isinstance(out, Tensor) else out[0]  # a ModelOutput's first field: logits / last_hidden_state

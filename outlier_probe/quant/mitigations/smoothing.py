@@ -12,11 +12,13 @@ multiplied by s_j, so the float model computes the same function.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from outlier_probe import arch
+from outlier_probe.errors import UsageError
 from outlier_probe.quant.mitigations.linear import InputMappedLinear
 
 MIN_SCALE = 1e-5  # the reference implementation's clamp
@@ -108,3 +110,39 @@ def smooth_model(model: nn.Module, act_absmax: dict[str, Tensor], alpha: float) 
 def smoothed_consumers(model: nn.Module) -> list[str]:
     """Every Linear whose input maximum smoothing needs."""
     return [c for g in arch.smoothing_groups(model) for c in g.consumers[:1]]
+
+
+ACT_SCALES_FILE = "act_scales.safetensors"  # what `quantize --smoothquant` writes next to its reports
+
+
+def load_act_scales(path: Path, model: nn.Module) -> dict[str, Tensor]:
+    """Input maxima saved by an earlier `quantize --smoothquant` (its act_scales.safetensors, or the folder
+    holding it), checked against `model`: one vector per smoothed consumer, of its input width.
+
+    SmoothQuant's maxima are a one-off measurement per model and calibration set (the reference code
+    ships them as act_scales/*.pt); reusing them skips the float pass over the calibration batches.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / ACT_SCALES_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"--act-scales: {file} does not exist (give the act_scales.safetensors an earlier "
+                         f"`quantize --smoothquant` wrote, or its report folder)")
+    try:
+        found = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UsageError(f"--act-scales: {file} is not a readable safetensors file ({err})") from None
+    out = {}
+    for name in smoothed_consumers(model):
+        width = weight_matrix(model.get_submodule(name)).shape[1]
+        vec = found.get(name)
+        if vec is None or tuple(vec.shape) != (width,):
+            got = "missing" if vec is None else f"shape {tuple(vec.shape)}"
+            raise UsageError(f"--act-scales: {file} does not fit this model ({name}: {got}, expected ({width},)); "
+                             f"it was measured on another model")
+        if not bool(torch.isfinite(vec).all()) or bool((vec < 0).any()):
+            raise UsageError(f"--act-scales: {file} holds negative or non-finite maxima for {name}")
+        out[name] = vec.float()
+    return out

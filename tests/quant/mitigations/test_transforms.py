@@ -13,7 +13,7 @@ from torch import nn
 
 from outlier_probe import arch
 from outlier_probe.errors import UsageError
-from outlier_probe.quant.mitigations.apply import Mitigation, Rotation, apply_mitigation
+from outlier_probe.quant.mitigations.apply import Mitigation, Rotation, apply_mitigation, transform_error
 from outlier_probe.quant.mitigations.per_token import per_token_fake_quantize
 from outlier_probe.quant.mitigations.rotation import orthogonal_matrix
 from outlier_probe.quant.mitigations.smoothing import smoothing_scales
@@ -84,6 +84,21 @@ def test_smoothquant_preserves_the_float_model(family: str, tiny_model: Callable
     for b, ref in zip(batches, before):
         torch.testing.assert_close(_out(smoothed, b), ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(_out(model, b), ref, atol=0, rtol=0)  # the original is untouched
+
+
+def test_transform_error_is_rounding_for_an_exact_transform_and_large_for_a_broken_one(
+        tiny_model: Callable[[str], nn.Module]) -> None:
+    model = _with_outliers(tiny_model("opt"))
+    batch = _batches(1)[0]
+    smoothed, _ = apply_mitigation(model, Mitigation(smoothquant=0.5), [batch], _run)
+    error = transform_error(model, smoothed, batch, _run)
+    ref, got = _out(model, {"input_ids": batch["input_ids"][:1]}), _out(smoothed, {"input_ids": batch["input_ids"][:1]})
+    assert error == pytest.approx(float((got - ref).abs().max() / ref.abs().max()), rel=1e-6)  # first sequence only
+    assert 0 < error < 1e-5
+    assert transform_error(model, model, batch, _run) == 0.0
+    with torch.no_grad():  # a fold that forgets the consumers: the norm divided, q/k/v not multiplied
+        smoothed.get_submodule("model.decoder.layers.0.self_attn_layer_norm").weight.mul_(2.0)
+    assert transform_error(model, smoothed, batch, _run) > 1e-2
 
 
 def test_smoothquant_divides_the_norm_and_multiplies_the_consumers(tiny_model: Callable[[str], nn.Module]) -> None:
