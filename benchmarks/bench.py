@@ -128,7 +128,7 @@ def bench_quantize() -> None:
     from outlier_probe.evaluation import Evaluator
     from outlier_probe.arch import Task
     from outlier_probe.quant.recipes import QuantConfig, quantize_model
-    from outlier_probe.quant.run import calibrate
+    from outlier_probe.quant.calibration import calibrate
     from outlier_probe.data import Batches
 
     for name, make, vocab, task in (("OPT-125m shape", opt125m_shape, 50272, Task.causal_lm), ("MiniLM", minilm, 30522, Task.encoder)):
@@ -181,7 +181,7 @@ def bench_sensitivity() -> None:
     from outlier_probe.diagnose.sensitivity import SensitivityConfig, run_sensitivity
     from outlier_probe.evaluation import Evaluator
     from outlier_probe.quant.recipes import QuantConfig
-    from outlier_probe.quant.run import build_calibrated, calibration_config
+    from outlier_probe.quant.calibration import build_calibrated, calibration_config
 
     load = LoadConfig(source=str(builtin_checkpoint()))
     loaded = load_model(load)
@@ -397,8 +397,9 @@ def bench_mitigations(repeats: int = 3, sweep_too: bool = True, jobs: bool = Tru
     from outlier_probe.evaluation import Evaluator
     from outlier_probe.quant.mitigations.apply import Mitigation
     from outlier_probe.quant.recipes import QuantConfig, quantize_model
-    from outlier_probe.quant.run import (QuantizeConfig, SQNRMeter, _mitigated_runs, build_calibrated, calibrate,
-                                         calibration_config, run_quantize)
+    from outlier_probe.quant.calibration import build_calibrated, calibrate, calibration_config
+    from outlier_probe.quant.run import QuantizeConfig, _mitigated_runs, run_quantize
+    from outlier_probe.quant.sqnr import SQNRMeter
 
     load = LoadConfig(source=str(builtin_checkpoint()))
     loaded = load_model(load)

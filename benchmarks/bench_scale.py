@@ -211,7 +211,8 @@ def _phases(gguf_path: Path, samples: int = 8) -> dict[str, float]:
     from outlier_probe.evaluation import Evaluator
     from outlier_probe.loading import load_model
     from outlier_probe.quant.recipes import QuantConfig, default_calib_batches, quantize_model
-    from outlier_probe.quant.run import SQNRMeter, _stats_sites, calibrate, calibration_config
+    from outlier_probe.quant.calibration import calibrate, calibration_config
+    from outlier_probe.quant.sqnr import SQNRMeter, stats_sites
     from outlier_probe.stats.hooks import observe
     from outlier_probe.stats.observer import OutlierObserver
 
@@ -230,7 +231,7 @@ def _phases(gguf_path: Path, samples: int = 8) -> dict[str, float]:
     calib = batches_for_model(loaded.processor, loaded.info, calibration_config(data, recipe))
     qmodel, qsites = quantize_model(loaded.model, recipe)
     lap("quantized copy")
-    sites = _stats_sites(loaded.model, qsites)
+    sites = stats_sites(loaded.model, qsites)
     with observe(sites, lambda _s: OutlierObserver(ObserverConfig()), root=loaded.model) as observers:
         evaluator(loaded.model)
     [observers[s.name].result() for s in sites]

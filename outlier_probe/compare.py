@@ -33,7 +33,8 @@ from outlier_probe.loading import load_model, model_name, weights_folder
 from outlier_probe.quant.keep import KeepFloat
 from outlier_probe.quant.mitigations.apply import Mitigation
 from outlier_probe.quant.recipes import QuantConfig
-from outlier_probe.quant.run import QuantizeConfig, check_keep_float, run_quantize
+from outlier_probe.quant.calibration import check_keep_float
+from outlier_probe.quant.run import QuantizeConfig, run_quantize
 from outlier_probe.stats.run import run_stats, settings_of
 
 Progress = Callable[[int, int, str], None]  # (batches done, batches total, what is running)

@@ -14,7 +14,8 @@ from outlier_probe.config import DataConfig, LoadConfig, StatsConfig
 from outlier_probe.loading import load_model
 from outlier_probe.quant.modules import iter_act_quantizers
 from outlier_probe.quant.recipes import QuantConfig, quantize_model
-from outlier_probe.quant.run import QuantizeConfig, calibrate, calibration_config, run_quantize
+from outlier_probe.quant.calibration import calibrate, calibration_config
+from outlier_probe.quant.run import QuantizeConfig, run_quantize
 from outlier_probe.data import batches_for_model
 from outlier_probe.stats.run import run_stats
 

@@ -161,7 +161,7 @@ def test_switching_away_removes_the_new_parameters(tiny_model: Callable[[str], n
 def test_quantized_copy_of_a_new_variant_runs(variant: V, tiny_model: Callable[[str], nn.Module]) -> None:
     """quantize_model applies the variant again on its copy (hookable): the gate must keep its input hook."""
     from outlier_probe.quant.recipes import QuantConfig, quantize_model
-    from outlier_probe.quant.run import calibrate
+    from outlier_probe.quant.calibration import calibrate
     from outlier_probe.data import Batches
 
     model = _model("opt", variant, tiny_model)

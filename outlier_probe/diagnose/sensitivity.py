@@ -26,7 +26,7 @@ from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName
 from outlier_probe.loading import LoadedModel, load_model
 from outlier_probe.quant.keep import KeepFloat, module_of
 from outlier_probe.quant.recipes import QuantConfig, quant_points, quantize_model
-from outlier_probe.quant.run import build_calibrated, calibration_config
+from outlier_probe.quant.calibration import build_calibrated, calibration_config
 from outlier_probe.stats.run import settings_of
 
 Progress = Callable[[int, int, str], None]  # (runs done, runs planned, what runs now)

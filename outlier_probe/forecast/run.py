@@ -77,7 +77,8 @@ def run_forecast_stats(cfg: StatsConfig, samples: int | None, progress: Progress
 
 def run_forecast_quantize(cfg: Any, samples: int | None, progress: Callable[[int, int, str], None] | None = None) -> Any:
     from outlier_probe.forecast.quant import calibrate_forecaster, quantize_forecaster
-    from outlier_probe.quant.run import QuantizeResult, RunResult, SQNRMeter, sqnr_site_rows
+    from outlier_probe.quant.run import QuantizeResult, RunResult
+    from outlier_probe.quant.sqnr import SQNRMeter, sqnr_site_rows
     from outlier_probe.stats.run import settings_of
     from outlier_probe.stats.summary import summarize
 

@@ -12,20 +12,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from outlier_probe import arch, distributed, distributed_merge
-from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, SiteKind, StatsConfig
+from outlier_probe import arch, distributed_merge
+from outlier_probe.config import DataConfig, LoadConfig, ObserverConfig, StatsConfig
 from outlier_probe.data import Batches, batches_for_model
 from outlier_probe.errors import ProbeError, UsageError
 from outlier_probe.evaluation import METRIC_NOTES, Evaluator, MetricName, Score
 from outlier_probe.loading import LoadedModel, load_model
-from outlier_probe.offload import execution_device
+from outlier_probe.quant.calibration import build_calibrated, calibrate, calibration_config, check_keep_float
 from outlier_probe.quant.keep import KeepFloat
-from outlier_probe.quant.modules import ActMode, ActQuantizer, freeze_all, iter_act_quantizers, set_mode
 from outlier_probe.quant.mitigations.apply import AGranularity, Mitigation, apply_mitigation, transform_error
-from outlier_probe.quant.recipes import Backend, QuantConfig, QuantSite, quant_points, quantize_model
+from outlier_probe.quant.recipes import Backend, QuantConfig, quantize_model
+from outlier_probe.quant.sqnr import SQNRMeter, sqnr_site_rows, stats_sites
 from outlier_probe.stats.hooks import observe
 from outlier_probe.stats.observer import OutlierObserver
-from outlier_probe.stats.run import forward, measure_sites, settings_of
+from outlier_probe.stats.run import forward, settings_of
 from outlier_probe.stats.summary import summarize
 
 Progress = Callable[[int, int, str], None]
@@ -104,147 +104,6 @@ class QuantizeResult:
         return [{"run": r.run, **s} for r in self.runs for s in r.sites]
 
 
-def calibration_config(data: DataConfig, recipe: QuantConfig) -> DataConfig:
-    """Calibration sequences come from the same source, after the evaluation sequences (disjoint)."""
-    return replace(data, samples=recipe.calib_batches * data.batch_size, offset=data.offset + data.samples)
-
-
-@torch.inference_mode()
-def calibrate(qmodel: nn.Module, batches: Batches) -> None:
-    """Feed calibration batches through the quantizers in calibrating mode, then freeze every range."""
-    set_mode(qmodel, ActMode.calibrating)
-    device = execution_device(qmodel)
-    quantizers = [q for _name, q in iter_act_quantizers(qmodel)]
-    mine = distributed.shard(batches.batches)
-    marks = []  # estimator history lengths after each batch: the per-batch ranges to merge
-    # The heads stay in float (no quantizer there), so the backbone alone gives every range: an LM head
-    # over a 50k vocabulary is a fifth of a small model's forward.
-    backbone = getattr(qmodel, "base_model", qmodel)
-    for batch in mine:
-        forward(backbone, batch, device)
-        marks.append([len(q.estimator.history) for q in quantizers])
-    distributed_merge.merge_calibration(quantizers, distributed.global_indices(mine), marks, len(batches.batches))
-    freeze_all(qmodel)
-
-
-def build_calibrated(loaded: LoadedModel, recipe: QuantConfig, calib: Batches,
-                     keep_float: KeepFloat | None = None, in_place: bool = False) -> tuple[nn.Module, list[QuantSite]]:
-    """A quantized copy of the loaded model (points in `keep_float` left in float), ranges calibrated and frozen.
-
-    quantize and sensitivity both build every quantized model they score through here, so a plan step
-    and `quantize --keep-float PLAN` are the very same computation. in_place: the model is a throwaway
-    copy (a mitigation's transform), quantized without copying it again.
-    """
-    qmodel, qsites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params, keep_float,
-                                    in_place=in_place)
-    if qsites:
-        calibrate(qmodel, calib)
-    return qmodel, qsites
-
-
-def check_keep_float(loaded: LoadedModel, recipe: QuantConfig, keep_float: KeepFloat) -> None:
-    """Every pattern / point of --keep-float must name a quantization point of this model and recipe."""
-    full, sites = quantize_model(loaded.model, recipe, loaded.attention, loaded.attention_params)
-    names = [p.name for p in quant_points(full, sites)]
-    del full
-    missing = keep_float.unmatched(names)
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UsageError(f"--keep-float matches no quantization point of this model: {shown} "
-                         f"(points look like {names[0]!r}; patterns match module names)")
-
-
-class SQNRMeter:
-    """Signal-to-quantization-noise ratio of each activation quantizer during evaluation (no host sync)."""
-
-    def __init__(self, sites: list[QuantSite]) -> None:
-        self.sites = sites
-        self.signal: dict[str, torch.Tensor] = {}
-        self.noise: dict[str, torch.Tensor] = {}
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> SQNRMeter:
-        for site in self.sites:
-            self.handles.append(site.quantizer.register_forward_hook(self._hook(site.name)))
-        return self
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(_m: ActQuantizer, args: tuple, out: torch.Tensor) -> None:
-            # One fused norm pass in float32 per tensor (decibels need ~5 digits), float64 across batches:
-            # float64 copies of every activation cost more than the quantized forward itself on a CPU.
-            x = args[0].float()
-            s = torch.linalg.vector_norm(x).double().square()
-            n = torch.linalg.vector_norm(x - out.float()).double().square()
-            self.signal[name] = self.signal[name] + s if name in self.signal else s
-            self.noise[name] = self.noise[name] + n if name in self.noise else n
-
-        return hook
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def merge(self) -> None:
-        """Sum signal and noise power over the ranks of a data-parallel run (a no-op otherwise)."""
-        if not distributed.is_active():
-            return
-        names = [s.name for s in self.sites]
-        zero = torch.zeros((), dtype=torch.float64)
-        signal = distributed.all_sum([float(self.signal.get(n, zero)) for n in names])
-        noise = distributed.all_sum([float(self.noise.get(n, zero)) for n in names])
-        seen = distributed.all_sum([float(n in self.signal) for n in names])
-        for n, s, e, k in zip(names, signal, noise, seen):
-            if k:
-                self.signal[n], self.noise[n] = torch.tensor(s, dtype=torch.float64), torch.tensor(e, dtype=torch.float64)
-
-    def sqnr_db(self, name: str) -> float:
-        if name not in self.signal:
-            return math.nan
-        s, n = float(self.signal[name]), float(self.noise[name])
-        return math.inf if n == 0 else 10.0 * math.log10(max(s, 1e-300) / n)
-
-
-def _stats_sites(model: nn.Module, qsites: list[QuantSite]) -> list[arch.Site]:
-    """Float-model sites matching the quantizers that have a stats counterpart."""
-    out, seen = [], set()
-    for q in qsites:
-        if not q.stats_site or q.stats_site in seen:
-            continue
-        seen.add(q.stats_site)
-        capture = "input" if q.stats_site.endswith(":input") else "output"
-        module_name = q.stats_site.removesuffix(":input")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            continue
-        # the kind is not read downstream: these sites are looked up by name for the SQNR table
-        out.append(arch.Site(q.stats_site, SiteKind.linear_output, q.layer, module, capture, module_name))
-    return out
-
-
-def sqnr_site_rows(cfg: QuantizeConfig, loaded: LoadedModel, batches: Batches, qsites: list[QuantSite],
-                   meter: SQNRMeter, site_stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per quantized site, lowest SQNR first, next to the float statistics of its activation.
-
-    `site_stats` (site name -> observer result) is completed in place with the sites it lacks.
-    """
-    missing = [s for s in _stats_sites(loaded.model, qsites) if s.name not in site_stats]
-    if cfg.site_stats and missing:
-        found = measure_sites(loaded, batches, StatsConfig(load=cfg.load, observer=ObserverConfig()), sites=missing)
-        site_stats.update({r.site.name: r.stats for r in found})
-    rows = []
-    for q in qsites:
-        st = site_stats.get(q.stats_site or "")
-        rows.append({
-            "site": q.name, "kind": q.kind, "layer": q.layer, "sqnr_db": meter.sqnr_db(q.name),
-            "paper_kurtosis": st.paper_kurtosis if st else math.nan,
-            "paper_inf_norm": st.paper_inf_norm if st else math.nan,
-            "range_min": float(q.quantizer.min_val), "range_max": float(q.quantizer.max_val),
-        })
-    rows.sort(key=lambda r: (math.inf if math.isnan(r["sqnr_db"]) else r["sqnr_db"]))
-    return rows
-
-
 def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> QuantizeResult:
     """The whole `quantize` job: float score, then for each recipe / backend a calibrated quantized score."""
     loaded = loaded or load_model(cfg.load)
@@ -268,7 +127,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
     # the float activations at its sites are measured during that evaluation (no second float pass).
     first = (quantize_model(loaded.model, cfg.recipes[0], loaded.attention, loaded.attention_params, cfg.keep_float)
              if cfg.recipes else None)
-    sites = _stats_sites(loaded.model, first[1]) if first is not None and cfg.site_stats else []
+    sites = stats_sites(loaded.model, first[1]) if first is not None and cfg.site_stats else []
     with observe(sites, lambda _s: OutlierObserver(ObserverConfig()), root=loaded.model) as observers:
         float_score = evaluator(loaded.model, step("float"))
     distributed_merge.merge_observers(observers)

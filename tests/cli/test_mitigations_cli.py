@@ -89,7 +89,7 @@ def test_act_scales_are_written_and_reused_to_the_same_result(tiny_checkpoint: C
     from outlier_probe.loading import load_model
     from outlier_probe.quant.mitigations.smoothing import input_absmax, smoothed_consumers
     from outlier_probe.quant.recipes import QuantConfig
-    from outlier_probe.quant.run import calibration_config
+    from outlier_probe.quant.calibration import calibration_config
 
     ckpt = tiny_checkpoint("llama")
     first, second = tmp_path / "first", tmp_path / "second"

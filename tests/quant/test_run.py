@@ -18,7 +18,8 @@ from outlier_probe.loading import LoadedModel, load_model
 from outlier_probe.quant.modules import ActMode, iter_act_quantizers
 from outlier_probe.quant.quantizer import Estimator
 from outlier_probe.quant.recipes import Backend, QuantConfig, Recipe, quantize_model
-from outlier_probe.quant.run import QuantizeConfig, QuantizeResult, calibrate, calibration_config, run_quantize
+from outlier_probe.quant.calibration import calibrate, calibration_config
+from outlier_probe.quant.run import QuantizeConfig, QuantizeResult, run_quantize
 from outlier_probe.report.quant_report import RUN_COLUMNS, SITE_COLUMNS
 from outlier_probe.stats.run import run_stats
 
