@@ -7,7 +7,7 @@ import torch
 
 from outlier_probe.quant import kernels
 from outlier_probe.quant.mitigations.per_token import per_token_fake_quantize
-from outlier_probe.quant.quantizer import QuantSpec
+from outlier_probe.quant.quantizer import SCALE_EPS, QuantSpec
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.zeros(1)), reason="numba is not importable here")
 
@@ -56,6 +56,53 @@ def test_rows_with_inf_or_nan_take_the_torch_path(monkeypatch: pytest.MonkeyPatc
     got, ref = per_token_fake_quantize(x, SPECS[0]), _torch_path(x, SPECS[0], monkeypatch)
     assert torch.equal(got.isnan(), ref.isnan()) and got[1].isnan().all() and got[2].isnan().all()
     assert torch.equal(got[[0, 3]], ref[[0, 3]])
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("col", [0, 5, 127])
+def test_any_non_finite_value_of_a_row_is_seen(bad: float, col: int) -> None:
+    """The kernel's range pass on integer keys must see an inf / NaN wherever it sits in a row (the
+    vectorised loop's lanes and its scalar tail), also among the row's extremes."""
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    x[1, 7] = 3.4e38  # the largest finite magnitudes stay in the kernel
+    x[1, 9] = -3.4e38
+    assert kernels.per_token_fused(x, 0, 255, 1e-7, False) is not None
+    x[2, col] = bad
+    assert kernels.per_token_fused(x, 0, 255, 1e-7, False) is None
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_extreme_finite_rows_match_the_torch_path(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Largest finite floats (the range overflows to inf: NaN output), subnormals, signed zeros."""
+    tiny = torch.finfo(torch.float32).tiny
+    rows = [
+        [3.4028235e38, -3.4028235e38, 1.0, 0.0],
+        [3.4028235e38, 3.0e38, 2.0, -1.0],
+        [tiny / 8, -tiny / 4, tiny / 2, 0.0],  # subnormals
+        [-0.0, -0.0, -0.0, -0.0],
+        [0.0, -0.0, 0.0, -0.0],
+        [-1e-45, 1e-45, 0.0, 5.0],
+    ]
+    x = torch.tensor(rows, dtype=torch.float32)
+    got = kernels.per_token_fused(x, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric)
+    assert got is not None
+    got = per_token_fake_quantize(x, spec)
+    assert _bits_equal(got, _torch_path(x, spec, monkeypatch))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4), (4, 1), (1,)])
+def test_empty_and_one_element_rows(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g) * 5
+    for spec in SPECS:
+        got = per_token_fake_quantize(x, spec)
+        assert _bits_equal(got, _torch_path(x, spec, monkeypatch)), (shape, spec)
+        if x.numel():  # a one-value row: its range is [min(v, 0), max(v, 0)], so v is on the grid up to rounding
+            assert torch.allclose(got, x, rtol=1e-6, atol=1e-30)
 
 
 def test_other_dtypes_use_the_torch_path() -> None:

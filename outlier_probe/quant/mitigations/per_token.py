@@ -18,6 +18,8 @@ def per_token_fake_quantize(x: Tensor, spec: QuantSpec) -> Tensor:
     half to even): this runs at every activation site on every forward, so float32 CPU tensors take the
     fused kernel (quant/kernels.py, bit-identical); elsewhere it is done in place on one buffer.
     """
+    if x.numel() == 0:  # no value to quantize (aminmax refuses an empty last dimension)
+        return x.detach().clone()
     if kernels.available(x):
         out = kernels.per_token_fused(x, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric)
         if out is not None:
