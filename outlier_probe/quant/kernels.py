@@ -9,8 +9,10 @@ fake-quantized row: the same float32 operations in the same order (multiply by t
 reciprocal, round half to even, add the zero point, clamp, subtract, multiply), so the result is
 bit-identical to the torch path (tests/quant/test_kernels.py). The pass is serial: a numba parallel
 region here measured slower than the whole pass (its worker threads keep spinning between calls). A
-row whose range is not finite (inf / NaN) sends the whole tensor through the torch path, which has
-torch's exact NaN propagation.
+row whose range is not finite (inf / NaN) is left to the torch path (torch's exact NaN propagation):
+every row has its own range, so that row alone gives what the whole tensor would. The kernel can
+write into its input, for a tensor the caller drops (a fresh linear output, attention scores): no
+output allocation, whose fresh pages cost ~0.8 ms of page faults per 6 MB.
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ if numba is not None:
         """float32 bits -> an int32 ordered as the floats are (for non-NaN); its own inverse."""
         return np.int32(b ^ np.int32(np.int32(b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
+    @njit(cache=True, boundscheck=False, nogil=True, inline="always")
+    def _fq(v, inv, zp, scale, qmin, qmax):  # pragma: no cover - compiled
+        """One value through the torch path's operations, in its order (float32 throughout)."""
+        q = np.rint(v * inv) + zp
+        q = qmin if q < qmin else q
+        q = qmax if q > qmax else q
+        return (q - zp) * scale
+
     @njit(cache=True, boundscheck=False, nogil=True)
-    def _per_token(x, bits, out, qmin_i, qmax_i, eps, symmetric):  # pragma: no cover - compiled
-        """x, out (N, C) float32, bits the int32 view of x. Returns the number of rows holding an inf or
-        NaN (their output is then meaningless: the caller uses the torch path)."""
+    def _per_token(x, bits, out, in_place, bad, qmin_i, qmax_i, eps, symmetric):  # pragma: no cover - compiled
+        """x, out (N, C) float32, bits the int32 view of x; in_place: write into x (out is ignored). The
+        rows holding an inf or NaN are left unwritten, their indices stored in bad[:count]; returns count.
+
+        In place has its own loop: the same array read and written through two names makes LLVM's
+        runtime alias check fail, and the loop then runs scalar (measured 2.6x slower)."""
         n, c = x.shape
         qmin = np.float32(qmin_i)
         qmax = np.float32(qmax_i)
@@ -69,8 +82,8 @@ if numba is not None:
                 khi = k if k > khi else khi
                 a = np.int32(b & np.int32(0x7FFFFFFF))
                 amax = a if a > amax else amax
-            nonfinite = amax >= np.int32(0x7F800000)
-            if nonfinite:
+            if amax >= np.int32(0x7F800000):
+                bad[n_bad] = r
                 n_bad += 1
                 continue
             key[0] = _order_key(klo)
@@ -91,19 +104,29 @@ if numba is not None:
                 zp = qmax if zp > qmax else zp
                 zp = qmin if zp < qmin else zp
             inv = one / scale
-            o = out[r]
-            for j in range(c):
-                q = np.rint(row[j] * inv) + zp
-                q = qmin if q < qmin else q
-                q = qmax if q > qmax else q
-                o[j] = (q - zp) * scale
+            if in_place:
+                for j in range(c):
+                    row[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
+            else:
+                o = out[r]
+                for j in range(c):
+                    o[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
         return n_bad
 
 
-def per_token_fused(x: Tensor, quant_min: int, quant_max: int, eps: float, symmetric: bool) -> Tensor | None:
-    """Per-row fake quantization of a float32 CPU tensor, or None when a row's range is not finite."""
+def per_token_fused(x: Tensor, quant_min: int, quant_max: int, eps: float, symmetric: bool,
+                    *, in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-row fake quantization of a float32 CPU tensor: (out shaped as x, the indices of the rows of
+    out.view(-1, C) holding an inf or NaN, left unwritten there for the caller to fill).
+
+    in_place: x may be overwritten (a tensor its caller owns and drops): out is then x itself when x
+    is contiguous. A non-contiguous x is copied once and the copy quantized in place either way.
+    """
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty_like(x2)
+    copied = x2.data_ptr() != x.data_ptr()  # a view of x keeps its address; a copy cannot have it
     arr = x2.numpy()
-    n_bad = _per_token(arr, arr.view(np.int32), out.numpy(), quant_min, quant_max, eps, symmetric)
-    return None if n_bad else out.view(x.shape)
+    inside = in_place or copied
+    out = x2 if inside else torch.empty_like(x2)
+    bad = np.empty(arr.shape[0], dtype=np.int64)
+    n_bad = _per_token(arr, arr.view(np.int32), out.numpy(), inside, bad, quant_min, quant_max, eps, symmetric)
+    return out.view(x.shape), torch.from_numpy(bad[:n_bad])

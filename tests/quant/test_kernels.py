@@ -21,6 +21,10 @@ def _torch_path(x: torch.Tensor, spec: QuantSpec, monkeypatch: pytest.MonkeyPatc
         return per_token_fake_quantize(x, spec)
 
 
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def _cases(shape: tuple[int, ...]) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     heavy = torch.randn(shape, generator=g) ** 3
@@ -41,6 +45,23 @@ def test_fused_kernel_is_bit_identical_to_the_torch_path(shape: tuple[int, ...],
             assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (shape, spec)  # bits, zero signs too
 
 
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 9, 128), (1, 1, 1)])
+def test_in_place_writes_the_same_bits_into_the_input(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    for x in _cases(shape):
+        for spec in SPECS:
+            ref = _torch_path(x, spec, monkeypatch)
+            y = x.clone()
+            got = per_token_fake_quantize(y, spec, in_place=True)
+            assert got.data_ptr() == y.data_ptr() and _bits_equal(y, ref), (shape, spec)
+
+
+def test_in_place_on_a_non_contiguous_input_returns_a_quantized_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(4, 6, 10).transpose(0, 1)
+    before = x.clone()
+    got = per_token_fake_quantize(x, SPECS[0], in_place=True)
+    assert _bits_equal(got, _torch_path(before, SPECS[0], monkeypatch)) and got.is_contiguous()
+
+
 def test_non_contiguous_input_and_the_input_left_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(4, 6, 10).transpose(0, 1)  # rows not contiguous in memory
     before = x.clone()
@@ -49,17 +70,18 @@ def test_non_contiguous_input_and_the_input_left_unchanged(monkeypatch: pytest.M
     assert torch.equal(got, _torch_path(x, SPECS[0], monkeypatch))
 
 
-def test_rows_with_inf_or_nan_take_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(4, 8)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rows_with_inf_or_nan_take_the_torch_path(in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
     x[1, 3], x[2, 2] = float("nan"), float("inf")
-    assert kernels.per_token_fused(x, 0, 255, 1e-7, False) is None
-    got, ref = per_token_fake_quantize(x, SPECS[0]), _torch_path(x, SPECS[0], monkeypatch)
-    assert torch.equal(got.isnan(), ref.isnan()) and got[1].isnan().all() and got[2].isnan().all()
-    assert torch.equal(got[[0, 3]], ref[[0, 3]])
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    x[3, 0] = 3.4e38  # finite, but its range overflows: a NaN row from the kernel, not a row for the torch path
+    x[3, 1] = -3.4e38
+    ref = _torch_path(x, SPECS[0], monkeypatch)
+    _, bad = kernels.per_token_fused(x.clone(), 0, 255, SCALE_EPS, False, in_place=in_place)
+    assert bad.tolist() == [1, 2]
+    got = per_token_fake_quantize(x.clone(), SPECS[0], in_place=in_place)
+    assert got[1].isnan().all() and got[2].isnan().all() and got[3].isnan().all() and not got[0].isnan().any()
+    assert _bits_equal(got, ref)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -70,9 +92,9 @@ def test_any_non_finite_value_of_a_row_is_seen(bad: float, col: int) -> None:
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
     x[1, 7] = 3.4e38  # the largest finite magnitudes stay in the kernel
     x[1, 9] = -3.4e38
-    assert kernels.per_token_fused(x, 0, 255, 1e-7, False) is not None
+    assert kernels.per_token_fused(x, 0, 255, SCALE_EPS, False)[1].tolist() == []
     x[2, col] = bad
-    assert kernels.per_token_fused(x, 0, 255, 1e-7, False) is None
+    assert kernels.per_token_fused(x, 0, 255, SCALE_EPS, False)[1].tolist() == [2]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -88,8 +110,7 @@ def test_extreme_finite_rows_match_the_torch_path(spec: QuantSpec, monkeypatch: 
         [-1e-45, 1e-45, 0.0, 5.0],
     ]
     x = torch.tensor(rows, dtype=torch.float32)
-    got = kernels.per_token_fused(x, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric)
-    assert got is not None
+    assert kernels.per_token_fused(x, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric)[1].numel() == 0
     got = per_token_fake_quantize(x, spec)
     assert _bits_equal(got, _torch_path(x, spec, monkeypatch))
 
