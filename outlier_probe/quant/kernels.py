@@ -55,6 +55,9 @@ if numba is not None:
         """x, out (N, C) float32, bits the int32 view of x; in_place: write into x (out is ignored). The
         rows holding an inf or NaN are left unwritten, their indices stored in bad[:count]; returns count.
 
+        Rows go in blocks of up to 16 KB: 1. each row's range, 2. the scales and zero points of the block
+        (the divisions of different rows overlap in the pipeline; one row at a time they formed a serial
+        chain per row, ~25% of the pass on 128-value rows), 3. the quantizing loops, the rows still in L1.
         In place has its own loop: the same array read and written through two names makes LLVM's
         runtime alias check fail, and the loop then runs scalar (measured 2.6x slower)."""
         n, c = x.shape
@@ -63,54 +66,68 @@ if numba is not None:
         eps32 = np.float32(eps)
         one = np.float32(1.0)
         zero = np.float32(0.0)
-        n_bad = 0
-        key = np.empty(2, dtype=np.int32)  # bit-casts the integer keys back to floats
+        blk = max(1, min(32, 4096 // max(c, 1)))
+        key = np.empty((2, blk), dtype=np.int32)  # the rows' min / max keys, bit-cast back to floats
         key_f = key.view(np.float32)
-        for r in range(n):
-            row = x[r]
-            rb = bits[r]
-            # the row's min / max on order-preserving integer keys, every operation kept in int32 (numba
-            # widens int32 arithmetic to int64, which halves the vector width: measured 2.3x slower), and
-            # the largest |bits|: >= the bits of +inf exactly when the row holds an inf or a NaN
-            klo = np.int32(0x7FFFFFFF)
-            khi = np.int32(-0x80000000)
-            amax = np.int32(0)
-            for j in range(c):
-                b = rb[j]
-                k = _order_key(b)
-                klo = k if k < klo else klo
-                khi = k if k > khi else khi
-                a = np.int32(b & np.int32(0x7FFFFFFF))
-                amax = a if a > amax else amax
-            if amax >= np.int32(0x7F800000):
-                bad[n_bad] = r
-                n_bad += 1
-                continue
-            key[0] = _order_key(klo)
-            key[1] = _order_key(khi)
-            lo = key_f[0]
-            hi = key_f[1]
-            lo = lo if lo < zero else zero  # the range includes 0, as compute_qparams
-            hi = hi if hi > zero else zero
-            if symmetric:
-                m = -lo if -lo > hi else hi
-                scale = m / qmax
-                scale = scale if scale > eps32 else eps32
-                zp = zero
-            else:
-                scale = (hi - lo) / (qmax - qmin)
-                scale = scale if scale > eps32 else eps32
-                zp = qmin - np.rint(lo / scale)
-                zp = qmax if zp > qmax else zp
-                zp = qmin if zp < qmin else zp
-            inv = one / scale
-            if in_place:
+        finite = np.empty(blk, dtype=np.bool_)
+        par = np.empty((3, blk), dtype=np.float32)  # scale, zero point, 1 / scale
+        n_bad = 0
+        for r0 in range(0, n, blk):
+            m = min(blk, n - r0)
+            for i in range(m):
+                rb = bits[r0 + i]
+                # min / max on order-preserving integer keys, every operation kept in int32 (numba widens
+                # int32 arithmetic to int64, which halves the vector width: measured 2.3x slower), and the
+                # largest |bits|: >= the bits of +inf exactly when the row holds an inf or a NaN
+                klo = np.int32(0x7FFFFFFF)
+                khi = np.int32(-0x80000000)
+                amax = np.int32(0)
                 for j in range(c):
-                    row[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
-            else:
-                o = out[r]
-                for j in range(c):
-                    o[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
+                    b = rb[j]
+                    k = _order_key(b)
+                    klo = k if k < klo else klo
+                    khi = k if k > khi else khi
+                    a = np.int32(b & np.int32(0x7FFFFFFF))
+                    amax = a if a > amax else amax
+                key[0, i] = _order_key(klo)
+                key[1, i] = _order_key(khi)
+                finite[i] = amax < np.int32(0x7F800000)
+            for i in range(m):
+                lo = key_f[0, i]
+                hi = key_f[1, i]
+                lo = lo if lo < zero else zero  # the range includes 0, as compute_qparams
+                hi = hi if hi > zero else zero
+                if symmetric:
+                    h = -lo if -lo > hi else hi
+                    scale = h / qmax
+                    scale = scale if scale > eps32 else eps32
+                    zp = zero
+                else:
+                    scale = (hi - lo) / (qmax - qmin)
+                    scale = scale if scale > eps32 else eps32
+                    zp = qmin - np.rint(lo / scale)
+                    zp = qmax if zp > qmax else zp
+                    zp = qmin if zp < qmin else zp
+                par[0, i] = scale
+                par[1, i] = zp
+                par[2, i] = one / scale
+            for i in range(m):
+                r = r0 + i
+                if not finite[i]:
+                    bad[n_bad] = r
+                    n_bad += 1
+                    continue
+                scale = par[0, i]
+                zp = par[1, i]
+                inv = par[2, i]
+                row = x[r]
+                if in_place:
+                    for j in range(c):
+                        row[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
+                else:
+                    o = out[r]
+                    for j in range(c):
+                        o[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
         return n_bad
 
 

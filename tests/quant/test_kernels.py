@@ -97,6 +97,22 @@ def test_any_non_finite_value_of_a_row_is_seen(bad: float, col: int) -> None:
     assert kernels.per_token_fused(x, 0, 255, SCALE_EPS, False)[1].tolist() == [2]
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("width", [5, 128, 1000])
+def test_non_finite_rows_across_the_kernels_row_blocks(width: int, in_place: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel works on blocks of rows (32 rows of 128, 4 of 1000): bad rows at a block's first and last
+    row, next to each other, and the last row of a partial block are all reported, the others written."""
+    x = torch.randn(101, width, generator=torch.Generator().manual_seed(4)) ** 3
+    rows = [0, 3, 4, 31, 32, 63, 100]
+    for i, r in enumerate(rows):
+        x[r, (7 * i) % width] = (float("nan"), float("inf"), -float("inf"))[i % 3]
+    ref = _torch_path(x, SPECS[0], monkeypatch)
+    _, bad = kernels.per_token_fused(x.clone(), 0, 255, SCALE_EPS, False, in_place=in_place)
+    assert bad.tolist() == rows
+    assert _bits_equal(per_token_fake_quantize(x.clone(), SPECS[0], in_place=in_place), ref)
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_extreme_finite_rows_match_the_torch_path(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     """Largest finite floats (the range overflows to inf: NaN output), subnormals, signed zeros."""
