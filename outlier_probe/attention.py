@@ -142,7 +142,8 @@ def _eager(
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    # scaled in place: the product is fresh and matmul keeps no output for its backward (one buffer fewer)
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)  # (B, H, Tq, Tk)
     if (score_q := getattr(module, SCORE_QUANTIZER, None)) is not None:
         scores = _quantize_owned(score_q, scores)
     dtype = torch.promote_types(scores.dtype, torch.float32)  # softmax in (at least) float32, as HF eager
