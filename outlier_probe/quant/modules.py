@@ -86,10 +86,9 @@ class ActQuantizer(nn.Module):
         """Whether quantize_owned may bypass __call__ and write into x: no hook could see x afterwards
         (forward hooks get the input too, e.g. the SQNR meter) or replace it (pre-hooks), and no autograd
         graph may hold x (softmax saves its output for the backward)."""
-        from torch.nn.modules import module as _module  # torch's global hook registries
-
+        registry = nn.modules.module  # torch's global hook registries
         return not (x.requires_grad or self._forward_hooks or self._forward_pre_hooks
-                    or _module._global_forward_hooks or _module._global_forward_pre_hooks)
+                    or registry._global_forward_hooks or registry._global_forward_pre_hooks)
 
     @torch.no_grad()
     def freeze(self) -> None:
