@@ -47,9 +47,11 @@ def test_a_forward_hook_still_sees_the_float_input() -> None:
     assert torch.equal(y, x) and torch.equal(seen[0], x) and torch.equal(got, q(x))
 
 
-def test_a_global_forward_hook_keeps_the_input_too() -> None:
+@pytest.mark.parametrize("register", ["forward", "forward_pre"])
+def test_a_global_hook_keeps_the_input_too(register: str) -> None:
     q, x = _frozen(), _x()
-    handle = nn.modules.module.register_module_forward_hook(lambda _m, _a, _o: None)
+    hook = (lambda _m, _a, _o: None) if register == "forward" else (lambda _m, _a: None)
+    handle = getattr(nn.modules.module, f"register_module_{register}_hook")(hook)
     try:
         y = x.clone()
         q.quantize_owned(y)
@@ -65,6 +67,14 @@ def test_a_tensor_in_an_autograd_graph_is_not_overwritten() -> None:
     before = y.detach().clone()
     q.quantize_owned(y)
     assert torch.equal(y.detach(), before)
+
+
+def test_a_pre_hook_that_replaces_the_input_is_honoured() -> None:
+    q, x = _frozen(), _x()
+    q.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))
+    y = x.clone()
+    got = q.quantize_owned(y)
+    assert torch.equal(y, x) and torch.equal(got, q(x))  # q(x) runs the hook too: both quantize 2x
 
 
 def test_calibration_is_unchanged() -> None:
