@@ -387,7 +387,8 @@ def bench_mitigations(repeats: int = 3, sweep_too: bool = True, jobs: bool = Tru
     2. the SmoothQuant run alone (input maxima on the calibration batches, transform, the transformed
        model's float score, quantize, calibrate, score) / the plain W8A8 run alone (quantize, calibrate,
        score with the SQNR meter), the issue's "one-off weight transform" target;
-    3. the W8A8 evaluation with per-token dynamic activations / the float evaluation.
+    3. the W8A8 evaluation with per-token dynamic activations / the float evaluation, with the paper recipe
+       (86 sites, attention scores and probabilities included: eager attention) and the linear recipe.
     """
     import inspect  # the baseline (before the shared cache) is measured with this same script
     from dataclasses import replace as dc_replace
@@ -396,8 +397,8 @@ def bench_mitigations(repeats: int = 3, sweep_too: bool = True, jobs: bool = Tru
     from outlier_probe.data import batches_for_model
     from outlier_probe.evaluation import Evaluator
     from outlier_probe.quant.mitigations.apply import Mitigation
-    from outlier_probe.quant.recipes import QuantConfig, quantize_model
     from outlier_probe.quant.calibration import build_calibrated, calibrate, calibration_config
+    from outlier_probe.quant.recipes import QuantConfig, Recipe, quantize_model
     from outlier_probe.quant.run import QuantizeConfig, _mitigated_runs, run_quantize
     from outlier_probe.quant.sqnr import SQNRMeter
 
@@ -452,6 +453,13 @@ def bench_mitigations(repeats: int = 3, sweep_too: bool = True, jobs: bool = Tru
     float_t, tok_t = cpu_interleaved(lambda: evaluator(loaded.model), lambda: evaluator(qmodel), 3 * repeats)
     print(f"  W8A8 per-token eval / float eval        {min(tok_t):6.3f} s / {min(float_t):6.3f} s  "
           f"{_ratio_line(float_t, tok_t)}  (target <= 1.3x)")
+    # the linear recipe (Linear inputs only): no score / probability quantizer, so the model keeps the float
+    # model's attention implementation (sdpa); what is left is the per-token pass over the Linear inputs
+    lin, _ = quantize_model(loaded.model, dc_replace(recipe, recipe=Recipe.linear, per_token=True))
+    calibrate(lin, calib)
+    float_t, lin_t = cpu_interleaved(lambda: evaluator(loaded.model), lambda: evaluator(lin), 3 * repeats)
+    print(f"  per-token eval, linear recipe / float   {min(lin_t):6.3f} s / {min(float_t):6.3f} s  "
+          f"{_ratio_line(float_t, lin_t)}")
 
 
 BENCHES = {"hooks": bench_hooks, "heads": bench_heads, "memory": bench_memory, "quantize": bench_quantize, "attention": bench_attention,

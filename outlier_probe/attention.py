@@ -142,19 +142,27 @@ def _eager(
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    # scaled in place: the product is fresh and matmul keeps no output for its backward (one buffer fewer)
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)  # (B, H, Tq, Tk)
     if (score_q := getattr(module, SCORE_QUANTIZER, None)) is not None:
-        scores = score_q(scores)
+        scores = _quantize_owned(score_q, scores)
     dtype = torch.promote_types(scores.dtype, torch.float32)  # softmax in (at least) float32, as HF eager
     scores = scores.to(dtype)
     if (mask := _additive_mask(_bool_mask(attention_mask, query, key, _causal(module, kwargs)), dtype)) is not None:
         scores = scores + mask
     probs = prob_fn(scores).to(value.dtype)
     if (prob_q := getattr(module, PROB_QUANTIZER, None)) is not None:
-        probs = prob_q(probs)
+        probs = _quantize_owned(prob_q, probs)
     probs = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, H, hd)
     return out, probs
+
+
+def _quantize_owned(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An attached quantizer applied to scores / probabilities _eager made and no longer reads: one
+    that can (quant ActQuantizer.quantize_owned) writes into them instead of allocating its output."""
+    owned = getattr(quantizer, "quantize_owned", None)
+    return quantizer(x) if owned is None else owned(x)
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,19 @@ class ActQuantizer(nn.Module):
             )
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
+    def quantize_owned(self, x: Tensor) -> Tensor:
+        """self(x) for a tensor its caller owns and drops (a linear layer's fresh output, attention
+        scores or probabilities): a quantizer may overwrite it instead of allocating its output."""
+        return self(x)
+
+    def _may_overwrite(self, x: Tensor) -> bool:
+        """Whether quantize_owned may bypass __call__ and write into x: no hook could see x afterwards
+        (forward hooks get the input too, e.g. the SQNR meter) or replace it (pre-hooks), and no autograd
+        graph may hold x (softmax saves its output for the backward)."""
+        registry = nn.modules.module  # torch's global hook registries
+        return not (x.requires_grad or self._forward_hooks or self._forward_pre_hooks
+                    or registry._global_forward_hooks or registry._global_forward_pre_hooks)
+
     @torch.no_grad()
     def freeze(self) -> None:
         """Compute scale / zero point once from the estimator's range and switch to frozen mode."""
@@ -274,7 +287,7 @@ class QuantLinear(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         y = F.linear(x, self.weight, self.bias)
-        return y if self.output_quantizer is None else self.output_quantizer(y)
+        return y if self.output_quantizer is None else self.output_quantizer.quantize_owned(y)
 
     def extra_repr(self) -> str:
         return (
