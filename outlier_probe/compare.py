@@ -8,9 +8,9 @@ versus the baseline's figure, (x - x_baseline) / |x_baseline|.
 
 from __future__ import annotations
 
-import gc
 import math
 import re
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,6 +36,7 @@ from outlier_probe.quant.recipes import QuantConfig
 from outlier_probe.quant.calibration import check_keep_float
 from outlier_probe.quant.run import QuantizeConfig, run_quantize
 from outlier_probe.stats.run import run_stats, settings_of
+from outlier_probe.stats.heap import collect_if_alive
 
 Progress = Callable[[int, int, str], None]  # (batches done, batches total, what is running)
 
@@ -166,8 +167,9 @@ def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> Compare
             heads = run_attention(AttentionConfig(load=entry.load, data=cfg.data, observer=cfg.observer),
                                   progress=_labelled(progress, f"{entry.name}: attention"), loaded=loaded)
         runs.append(ModelRun(entry, stats, quant, heads, kept))
+        dropped = weakref.ref(loaded.model)
         del loaded
-        gc.collect()
+        collect_if_alive(dropped)
     return CompareResult(runs, settings_of(cfg), _notes(runs))
 
 

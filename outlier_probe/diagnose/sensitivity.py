@@ -7,9 +7,9 @@ calibrated and scored exactly as `quantize` does (quant/run.build_calibrated) on
 
 from __future__ import annotations
 
-import gc
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ from outlier_probe.quant.keep import KeepFloat, module_of
 from outlier_probe.quant.recipes import QuantConfig, quant_points, quantize_model
 from outlier_probe.quant.calibration import build_calibrated, calibration_config
 from outlier_probe.stats.run import settings_of
+from outlier_probe.stats.heap import collect_if_alive
 
 Progress = Callable[[int, int, str], None]  # (runs done, runs planned, what runs now)
 
@@ -134,8 +135,9 @@ def run_sensitivity(cfg: SensitivityConfig, progress: Progress | None = None,
         qmodel, _ = build_calibrated(loaded, cfg.recipe, calib, keep)
         with OutputDivergence(evaluator, qmodel, reference) as meter:
             score = evaluator(qmodel)
+        dropped = weakref.ref(qmodel)
         del qmodel
-        gc.collect()
+        collect_if_alive(dropped)
         done += 1
         return Measured(score.value, meter.divergence(score))
 

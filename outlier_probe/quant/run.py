@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +23,7 @@ from outlier_probe.quant.keep import KeepFloat
 from outlier_probe.quant.mitigations.apply import AGranularity, Mitigation, apply_mitigation, transform_error
 from outlier_probe.quant.recipes import Backend, QuantConfig, quantize_model
 from outlier_probe.quant.sqnr import SQNRMeter, sqnr_site_rows, stats_sites
+from outlier_probe.stats.heap import collect_if_alive
 from outlier_probe.stats.hooks import observe
 from outlier_probe.stats.observer import OutlierObserver
 from outlier_probe.stats.run import forward, settings_of
@@ -154,6 +155,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         with SQNRMeter(qsites) as meter:
             q_score = evaluator(qmodel, step(recipe.name))
         meter.merge()
+        dropped = weakref.ref(qmodel)
         del qmodel
         runs += _mitigated_runs(cfg, loaded, recipe, calib, evaluator, float_score, q_score, step,
                                 absmax_caches.setdefault(calib_cfg, dict(preloaded)))
@@ -161,7 +163,8 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
         site_rows = sqnr_site_rows(cfg, loaded, batches, qsites, meter, site_stats)
         runs.insert(plain_index, RunResult(_run_name(recipe, cfg.recipes), float_score, q_score, recipe, site_rows,
                                            transformed_float=float_score.value, gap_closed=0.0))
-        gc.collect()
+        del qsites, meter
+        collect_if_alive(dropped)
     for backend in cfg.backends:
         if backend is Backend.bnb_int8:
             from outlier_probe.quant.bnb import load_int8
@@ -171,8 +174,9 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
                 warnings.simplefilter("ignore")
                 q_score = evaluator(qmodel, step(backend.value))
             runs.append(RunResult(backend.value, float_score, q_score, None))
+            dropped = weakref.ref(qmodel)
             del qmodel
-            gc.collect()
+            collect_if_alive(dropped)
     used = next((c for c in absmax_caches.values() if c), {})  # the first recipe's calibration set
     if used:
         source = (f"loaded from {cfg.act_scales}" if preloaded else
@@ -259,8 +263,9 @@ def _mitigated_runs(cfg: QuantizeConfig, loaded: LoadedModel, recipe: QuantConfi
         runs.append(RunResult(label, float_score, q_score, mit_recipe, mitigation=mit.name, transformed_float=transformed,
                               transform_error=error,
                               gap_closed=gap_closed(plain_loss, loss), details=details))
+        dropped = [weakref.ref(qmodel), weakref.ref(model)]
         del qmodel, model
-        gc.collect()
+        collect_if_alive(*dropped)
     return runs
 
 
