@@ -175,7 +175,63 @@ if numba is not None:
         return n_bad
 
 
+    @njit(cache=True, boundscheck=False, nogil=True)
+    def _per_tensor(x, out, in_place, inv, zp, scale, qmin, qmax, sums, scratch):  # pragma: no cover - compiled
+        """x, out 1-D float32 with one frozen scale / zero point (float32 scalars); in_place: write into x
+        (out is ignored). sums, scratch: as _per_token's (scratch: up to 4096 values), in blocks of 4096
+        values (16 KB, in L1 when the sums read them). inf / NaN go through _fq as through torch's chain
+        (an inf clamps to the grid's end, a NaN stays NaN), so there is no torch fallback here."""
+        n = x.shape[0]
+        measure = sums.shape[0] > 0
+        sig = 0.0
+        noise = 0.0
+        for b0 in range(0, n, 4096):
+            m = min(4096, n - b0)
+            xb = x[b0:b0 + m]
+            if in_place and measure:
+                sb = scratch[:m]
+                for j in range(m):
+                    sb[j] = _fq(xb[j], inv, zp, scale, qmin, qmax)
+                s, e = _noise_sums(xb, sb, True)
+                sig += s
+                noise += e
+            elif in_place:
+                for j in range(m):
+                    xb[j] = _fq(xb[j], inv, zp, scale, qmin, qmax)
+            else:
+                ob = out[b0:b0 + m]
+                for j in range(m):
+                    ob[j] = _fq(xb[j], inv, zp, scale, qmin, qmax)
+                if measure:
+                    s, e = _noise_sums(xb, ob, False)
+                    sig += s
+                    noise += e
+        if measure:
+            sums[0] += sig
+            sums[1] += noise
+            sums[2] += 1.0
+
+
 _NO_SUMS = np.zeros(0, dtype=np.float64)
+
+
+def per_tensor_fused(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+                     *, in_place: bool = False, sums: Tensor | None = None) -> Tensor:
+    """fake_quantize(x, scale, zero_point) for a float32 CPU tensor and a per-tensor (0-d) scale / zero
+    point, bit for bit (the same float32 operations in the same order, the reciprocal computed by torch as
+    there), in one pass. in_place: x may be overwritten (then the result is x's storage when x is
+    contiguous). sums: as per_token_fused's (signal and noise power, float64, and the call)."""
+    sc = scale.to(torch.float32)
+    inv = (1.0 / sc).numpy()[()]  # float32 scalars: the same values as fake_quantize's tensors
+    zp = zero_point.to(torch.float32).numpy()[()]
+    x1 = x.detach().reshape(-1).contiguous()
+    inside = in_place or x1.data_ptr() != x.data_ptr()  # a copy of x is ours to write into
+    out = x1 if inside else torch.empty_like(x1)
+    acc = _NO_SUMS if sums is None else sums.numpy()
+    scratch = np.empty(min(4096, x1.numel()) if inside and sums is not None else 0, dtype=np.float32)
+    _per_tensor(x1.numpy(), out.numpy(), inside, inv, zp, sc.numpy()[()], np.float32(quant_min),
+                np.float32(quant_max), acc, scratch)
+    return out.view(x.shape)
 
 
 def per_token_fused(x: Tensor, quant_min: int, quant_max: int, eps: float, symmetric: bool,
