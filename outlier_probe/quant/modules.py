@@ -86,13 +86,12 @@ class ActQuantizer(nn.Module):
     def _fake_quantize(self, x: Tensor, *, in_place: bool) -> Tensor:
         """The frozen quantization of x, its signal and noise power added to self.sqnr when set; in_place:
         x may be overwritten. A per-tensor float32 CPU tensor outside autograd takes the fused kernel
-        (quant/kernels.py: fake_quantize's bits in one pass), not in place while metered (the norms read x)."""
+        (quant/kernels.py: fake_quantize's bits in one pass, the powers summed in float64 as it goes)."""
         if (self.spec.axis is None and kernels.available(x) and self.scale.device.type == "cpu"
                 and not (x.requires_grad and torch.is_grad_enabled())):
-            out = kernels.per_tensor_fused(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max,
-                                           in_place=in_place and self.sqnr is None)
-        else:
-            out = fake_quantize(x, self.scale, self.zero_point, self.spec)
+            return kernels.per_tensor_fused(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max,
+                                            in_place=in_place, sums=self.sqnr)
+        out = fake_quantize(x, self.scale, self.zero_point, self.spec)
         if self.sqnr is not None:
             add_noise_power(self.sqnr, x, out)
         return out

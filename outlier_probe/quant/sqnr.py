@@ -25,7 +25,8 @@ class SQNRMeter:
 
     Inside the `with`, every quantizer adds its input's power and the power of its quantization error to
     its own float64 sums (ActQuantizer.sqnr): no forward hook, so the quantizers keep their in-place path
-    (quantize_owned). Per-tensor sites sum float32 norms; the per-token kernel sums in float64 as it goes.
+    (quantize_owned). The numba kernels (float32 CPU activations, per-tensor and per-token) sum in float64 as
+    they quantize; other paths (per-channel, accelerators, autograd) sum float32 norms of each tensor.
     """
 
     def __init__(self, sites: list[QuantSite]) -> None:
