@@ -221,9 +221,9 @@ def per_tensor_fused(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: in
     point, bit for bit (the same float32 operations in the same order, the reciprocal computed by torch as
     there), in one pass. in_place: x may be overwritten (then the result is x's storage when x is
     contiguous). sums: as per_token_fused's (signal and noise power, float64, and the call)."""
-    sc = scale.to(torch.float32)
+    sc = scale.to(torch.float32).reshape(())
     inv = (1.0 / sc).numpy()[()]  # float32 scalars: the same values as fake_quantize's tensors
-    zp = zero_point.to(torch.float32).numpy()[()]
+    zp = zero_point.to(torch.float32).reshape(()).numpy()[()]
     x1 = x.detach().reshape(-1).contiguous()
     inside = in_place or x1.data_ptr() != x.data_ptr()  # a copy of x is ours to write into
     out = x1 if inside else torch.empty_like(x1)

@@ -165,7 +165,7 @@ def add_noise_power(sums: Tensor, x: Tensor, out: Tensor) -> None:
     xf = x.detach().float()
     signal = torch.linalg.vector_norm(xf).double().square()
     noise = torch.linalg.vector_norm(xf - out.detach().float()).double().square()
-    sums.add_(torch.stack((signal, noise, signal.new_ones(()))))
+    sums.add_(torch.stack((signal, noise, signal.new_ones(()))).to(sums.device))  # a no-op on one device
 
 
 def map_input(x: Tensor, input_map: Tensor) -> Tensor:

@@ -197,3 +197,11 @@ def test_kernels_sum_signal_and_noise_power_in_float64(in_place: bool, per_token
     signal, noise = 2 * (xd**2).sum() + 1.0, 2 * ((xd - qd) ** 2).sum() + 2.0
     assert sums[0].item() == pytest.approx(signal, rel=1e-12) and sums[1].item() == pytest.approx(noise, rel=1e-12)
     assert sums[2].item() == 5.0
+
+
+def test_per_tensor_kernel_takes_one_element_qparams_of_any_shape() -> None:
+    spec = SPECS[0]
+    scale, zp = compute_qparams(torch.tensor(-1.0), torch.tensor(3.0), spec)
+    x = torch.randn(3, 50)
+    got = kernels.per_tensor_fused(x, scale.reshape(1), zp.reshape(1, 1), spec.quant_min, spec.quant_max)
+    assert _bits_equal(got, fake_quantize(x, scale, zp, spec))
