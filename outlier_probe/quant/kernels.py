@@ -12,7 +12,10 @@ region here measured slower than the whole pass (its worker threads keep spinnin
 row whose range is not finite (inf / NaN) is left to the torch path (torch's exact NaN propagation):
 every row has its own range, so that row alone gives what the whole tensor would. The kernel can
 write into its input, for a tensor the caller drops (a fresh linear output, attention scores): no
-output allocation, whose fresh pages cost ~0.8 ms of page faults per 6 MB.
+output allocation, whose fresh pages cost ~0.8 ms of page faults per 6 MB. While an SQNR meter is on
+(quant/sqnr.py), it also sums each row's signal power x^2 and noise power (x - q(x))^2 in float64 as it
+writes the row (in place: the row is quantized into an L1 scratch row first, then the sums read both and
+copy it back), so the meter needs no forward hook and the in-place path stays on while scoring.
 """
 
 from __future__ import annotations
@@ -50,10 +53,34 @@ if numba is not None:
         q = qmax if q > qmax else q
         return (q - zp) * scale
 
+    @njit(cache=True, boundscheck=False, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+    def _noise_sums(row, q, write_back):  # pragma: no cover - compiled
+        """(sum row^2, sum (row - q)^2) in float64; write_back: then row[:] = q. Its own function for its
+        fastmath flags (reassociation lets LLVM vectorise the sums; the quantizing loops keep strict
+        float semantics, so their bits do not move)."""
+        s = 0.0
+        e = 0.0
+        if write_back:
+            for j in range(row.shape[0]):
+                v = np.float64(row[j])
+                d = v - np.float64(q[j])
+                s += v * v
+                e += d * d
+                row[j] = q[j]
+        else:
+            for j in range(row.shape[0]):
+                v = np.float64(row[j])
+                d = v - np.float64(q[j])
+                s += v * v
+                e += d * d
+        return s, e
+
     @njit(cache=True, boundscheck=False, nogil=True)
-    def _per_token(x, bits, out, in_place, bad, qmin_i, qmax_i, eps, symmetric):  # pragma: no cover - compiled
+    def _per_token(x, bits, out, in_place, bad, qmin_i, qmax_i, eps, symmetric, sums, scratch):  # pragma: no cover - compiled
         """x, out (N, C) float32, bits the int32 view of x; in_place: write into x (out is ignored). The
         rows holding an inf or NaN are left unwritten, their indices stored in bad[:count]; returns count.
+        sums: a float64 array of 3 (signal and noise power of the rows written, calls: added to) or of 0
+        (not measured); scratch: C float32 values, where an in-place row is quantized before the sums read both.
 
         Rows go in blocks of up to 16 KB: 1. each row's range, 2. the scales and zero points of the block
         (the divisions of different rows overlap in the pipeline; one row at a time they formed a serial
@@ -72,6 +99,9 @@ if numba is not None:
         finite = np.empty(blk, dtype=np.bool_)
         par = np.empty((3, blk), dtype=np.float32)  # scale, zero point, 1 / scale
         n_bad = 0
+        measure = sums.shape[0] > 0
+        sig = 0.0
+        noise = 0.0
         for r0 in range(0, n, blk):
             m = min(blk, n - r0)
             for i in range(m):
@@ -121,23 +151,99 @@ if numba is not None:
                 zp = par[1, i]
                 inv = par[2, i]
                 row = x[r]
-                if in_place:
+                if in_place and measure:  # the row's values are needed after quantizing: via the scratch row
+                    for j in range(c):
+                        scratch[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
+                    s, e = _noise_sums(row, scratch, True)
+                    sig += s
+                    noise += e
+                elif in_place:
                     for j in range(c):
                         row[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
                 else:
                     o = out[r]
                     for j in range(c):
                         o[j] = _fq(row[j], inv, zp, scale, qmin, qmax)
+                    if measure:
+                        s, e = _noise_sums(row, o, False)
+                        sig += s
+                        noise += e
+        if measure:
+            sums[0] += sig
+            sums[1] += noise
+            sums[2] += 1.0
         return n_bad
 
 
+    @njit(cache=True, boundscheck=False, nogil=True)
+    def _per_tensor(x, out, in_place, inv, zp, scale, qmin, qmax, sums, scratch):  # pragma: no cover - compiled
+        """x, out 1-D float32 with one frozen scale / zero point (float32 scalars); in_place: write into x
+        (out is ignored). sums, scratch: as _per_token's (scratch: up to 4096 values), in blocks of 4096
+        values (16 KB, in L1 when the sums read them). inf / NaN go through _fq as through torch's chain
+        (an inf clamps to the grid's end, a NaN stays NaN), so there is no torch fallback here."""
+        n = x.shape[0]
+        measure = sums.shape[0] > 0
+        sig = 0.0
+        noise = 0.0
+        for b0 in range(0, n, 4096):
+            m = min(4096, n - b0)
+            xb = x[b0:b0 + m]
+            if in_place and measure:
+                sb = scratch[:m]
+                for j in range(m):
+                    sb[j] = _fq(xb[j], inv, zp, scale, qmin, qmax)
+                s, e = _noise_sums(xb, sb, True)
+                sig += s
+                noise += e
+            elif in_place:
+                for j in range(m):
+                    xb[j] = _fq(xb[j], inv, zp, scale, qmin, qmax)
+            else:
+                ob = out[b0:b0 + m]
+                for j in range(m):
+                    ob[j] = _fq(xb[j], inv, zp, scale, qmin, qmax)
+                if measure:
+                    s, e = _noise_sums(xb, ob, False)
+                    sig += s
+                    noise += e
+        if measure:
+            sums[0] += sig
+            sums[1] += noise
+            sums[2] += 1.0
+
+
+_NO_SUMS = np.zeros(0, dtype=np.float64)
+
+
+def per_tensor_fused(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+                     *, in_place: bool = False, sums: Tensor | None = None) -> Tensor:
+    """fake_quantize(x, scale, zero_point) for a float32 CPU tensor and a per-tensor (0-d) scale / zero
+    point, bit for bit (the same float32 operations in the same order, the reciprocal computed by torch as
+    there), in one pass. in_place: x may be overwritten (then the result is x's storage when x is
+    contiguous). sums: as per_token_fused's (signal and noise power, float64, and the call)."""
+    sc = scale.to(torch.float32).reshape(())
+    inv = (1.0 / sc).numpy()[()]  # float32 scalars: the same values as fake_quantize's tensors
+    zp = zero_point.to(torch.float32).reshape(()).numpy()[()]
+    x1 = x.detach().reshape(-1).contiguous()
+    inside = in_place or x1.data_ptr() != x.data_ptr()  # a copy of x is ours to write into
+    out = x1 if inside else torch.empty_like(x1)
+    acc = _NO_SUMS if sums is None else sums.numpy()
+    scratch = np.empty(min(4096, x1.numel()) if inside and sums is not None else 0, dtype=np.float32)
+    _per_tensor(x1.numpy(), out.numpy(), inside, inv, zp, sc.numpy()[()], np.float32(quant_min),
+                np.float32(quant_max), acc, scratch)
+    return out.view(x.shape)
+
+
 def per_token_fused(x: Tensor, quant_min: int, quant_max: int, eps: float, symmetric: bool,
-                    *, in_place: bool = False) -> tuple[Tensor, Tensor]:
+                    *, in_place: bool = False, sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row fake quantization of a float32 CPU tensor: (out shaped as x, the indices of the rows of
     out.view(-1, C) holding an inf or NaN, left unwritten there for the caller to fill).
 
     in_place: x may be overwritten (a tensor its caller owns and drops): out is then x itself when x
     is contiguous. A non-contiguous x is copied once and the copy quantized in place either way.
+    sums: a contiguous float64 CPU tensor of 3: the signal power sum x^2 and the noise power sum (x - out)^2
+    of the rows written (float64 sums, as the kernel goes; the caller adds the inf / NaN rows) and 1 (a call)
+    are added to it.
     """
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
     copied = x2.data_ptr() != x.data_ptr()  # a view of x keeps its address; a copy cannot have it
@@ -145,5 +251,8 @@ def per_token_fused(x: Tensor, quant_min: int, quant_max: int, eps: float, symme
     inside = in_place or copied
     out = x2 if inside else torch.empty_like(x2)
     bad = np.empty(arr.shape[0], dtype=np.int64)
-    n_bad = _per_token(arr, arr.view(np.int32), out.numpy(), inside, bad, quant_min, quant_max, eps, symmetric)
+    acc = _NO_SUMS if sums is None else sums.numpy()
+    scratch = np.empty(arr.shape[1] if inside and sums is not None else 0, dtype=np.float32)
+    n_bad = _per_token(arr, arr.view(np.int32), out.numpy(), inside, bad, quant_min, quant_max, eps, symmetric,
+                       acc, scratch)
     return out.view(x.shape), torch.from_numpy(bad[:n_bad])

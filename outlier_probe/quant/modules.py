@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outlier_probe.errors import ProbeError, UsageError
+from outlier_probe.quant import kernels
 from outlier_probe.quant.estimators import RangeEstimator, fresh_copy, make_estimator
 from outlier_probe.quant.quantizer import Estimator, QuantSpec, compute_qparams, fake_quantize
 
@@ -63,23 +64,43 @@ class ActQuantizer(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.has_qparams = False  # set by freeze(); a plain flag so forward needs no host sync
+        # (signal power, noise power, calls), float64 on the quantizer's device, added to by every forward
+        # while an SQNR meter (quant/sqnr.py) is on; None otherwise. Measured here, not by a hook, so the
+        # meter leaves quantize_owned its in-place path.
+        self.sqnr: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.mode is ActMode.frozen:
+            if not self.has_qparams:
+                raise ProbeError(
+                    "ActQuantizer is in frozen mode but has no range: run calibration batches, "
+                    "then call freeze() (or freeze_all(model)) before evaluating"
+                )
+            return self._fake_quantize(x, in_place=False)
         if self.mode is ActMode.calibrating:
             self.estimator.update(x)
-            return x
-        if self.mode is ActMode.off:
-            return x
-        if not self.has_qparams:
-            raise ProbeError(
-                "ActQuantizer is in frozen mode but has no range: run calibration batches, "
-                "then call freeze() (or freeze_all(model)) before evaluating"
-            )
-        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+        if self.sqnr is not None:
+            add_noise_power(self.sqnr, x, x)
+        return x
+
+    def _fake_quantize(self, x: Tensor, *, in_place: bool) -> Tensor:
+        """The frozen quantization of x, its signal and noise power added to self.sqnr when set; in_place:
+        x may be overwritten. A per-tensor float32 CPU tensor outside autograd takes the fused kernel
+        (quant/kernels.py: fake_quantize's bits in one pass, the powers summed in float64 as it goes)."""
+        if (self.spec.axis is None and kernels.available(x) and self.scale.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            return kernels.per_tensor_fused(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max,
+                                            in_place=in_place, sums=self.sqnr)
+        out = fake_quantize(x, self.scale, self.zero_point, self.spec)
+        if self.sqnr is not None:
+            add_noise_power(self.sqnr, x, out)
+        return out
 
     def quantize_owned(self, x: Tensor) -> Tensor:
         """self(x) for a tensor its caller owns and drops (a linear layer's fresh output, attention
         scores or probabilities): a quantizer may overwrite it instead of allocating its output."""
+        if self.mode is ActMode.frozen and self.has_qparams and self._may_overwrite(x):
+            return self._fake_quantize(x, in_place=True)
         return self(x)
 
     def _may_overwrite(self, x: Tensor) -> bool:
@@ -135,6 +156,16 @@ class ActQuantizer(nn.Module):
         else:
             rng = "range=uncalibrated"
         return f"{self.spec.label('a')} {self.estimator.describe()} {rng} mode={self.mode.value}"
+
+
+def add_noise_power(sums: Tensor, x: Tensor, out: Tensor) -> None:
+    """sums += (||x||^2, ||x - out||^2, 1): one fused float32 norm pass per tensor (decibels need ~5
+    digits), float64 across calls; float64 copies of every activation would cost more than the quantized
+    forward itself on a CPU. No host sync."""
+    xf = x.detach().float()
+    signal = torch.linalg.vector_norm(xf).double().square()
+    noise = torch.linalg.vector_norm(xf - out.detach().float()).double().square()
+    sums.add_(torch.stack((signal, noise, signal.new_ones(()))).to(sums.device))  # a no-op on one device
 
 
 def map_input(x: Tensor, input_map: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ rows of `quantize` (SQNR next to the float statistics of the same activation).""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,7 +13,6 @@ from outlier_probe import arch, distributed
 from outlier_probe.config import ObserverConfig, SiteKind, StatsConfig
 from outlier_probe.data import Batches
 from outlier_probe.loading import LoadedModel
-from outlier_probe.quant.modules import ActQuantizer
 from outlier_probe.quant.recipes import QuantSite
 from outlier_probe.stats.run import measure_sites
 
@@ -22,34 +21,36 @@ if TYPE_CHECKING:
 
 
 class SQNRMeter:
-    """Signal-to-quantization-noise ratio of each activation quantizer during evaluation (no host sync)."""
+    """Signal-to-quantization-noise ratio of each activation quantizer during evaluation (no host sync).
+
+    Inside the `with`, every quantizer adds its input's power and the power of its quantization error to
+    its own float64 sums (ActQuantizer.sqnr): no forward hook, so the quantizers keep their in-place path
+    (quantize_owned). The numba kernels (float32 CPU activations, per-tensor and per-token) sum in float64 as
+    they quantize; other paths (per-channel, accelerators, autograd) sum float32 norms of each tensor.
+    """
 
     def __init__(self, sites: list[QuantSite]) -> None:
         self.sites = sites
         self.signal: dict[str, torch.Tensor] = {}
         self.noise: dict[str, torch.Tensor] = {}
-        self.handles: list[Any] = []
+        self._sums: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> SQNRMeter:
         for site in self.sites:
-            self.handles.append(site.quantizer.register_forward_hook(self._hook(site.name)))
+            q = site.quantizer
+            if q.sqnr is None:  # a site sharing its quantizer with another shares its sums
+                q.sqnr = torch.zeros(3, dtype=torch.float64, device=q.scale.device)
+            self._sums[site.name] = q.sqnr
         return self
 
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(_m: ActQuantizer, args: tuple, out: torch.Tensor) -> None:
-            # One fused norm pass in float32 per tensor (decibels need ~5 digits), float64 across batches:
-            # float64 copies of every activation cost more than the quantized forward itself on a CPU.
-            x = args[0].float()
-            s = torch.linalg.vector_norm(x).double().square()
-            n = torch.linalg.vector_norm(x - out.float()).double().square()
-            self.signal[name] = self.signal[name] + s if name in self.signal else s
-            self.noise[name] = self.noise[name] + n if name in self.noise else n
-
-        return hook
-
     def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
+        for site in self.sites:
+            site.quantizer.sqnr = None
+        for name, sums in self._sums.items():
+            if bool(sums[2] > 0):  # one host sync per site, after the evaluation
+                self.signal[name] = self.signal[name] + sums[0] if name in self.signal else sums[0]
+                self.noise[name] = self.noise[name] + sums[1] if name in self.noise else sums[1]
+        self._sums.clear()
 
     def merge(self) -> None:
         """Sum signal and noise power over the ranks of a data-parallel run (a no-op otherwise)."""

@@ -1,13 +1,16 @@
-"""The fused per-token kernel against the torch path of per_token_fake_quantize: bit for bit."""
+"""The fused per-token kernel against the torch path of per_token_fake_quantize, the per-tensor kernel
+against fake_quantize: bit for bit; their signal / noise power sums against float64 numpy."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from outlier_probe.quant import kernels
 from outlier_probe.quant.mitigations.per_token import per_token_fake_quantize
-from outlier_probe.quant.quantizer import SCALE_EPS, QuantSpec
+from outlier_probe.quant.quantizer import SCALE_EPS, QuantSpec, compute_qparams, fake_quantize
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.zeros(1)), reason="numba is not importable here")
 
@@ -145,3 +148,60 @@ def test_empty_and_one_element_rows(shape: tuple[int, ...], monkeypatch: pytest.
 def test_other_dtypes_use_the_torch_path() -> None:
     assert not kernels.available(torch.zeros(2, 2, dtype=torch.bfloat16))
     assert not kernels.available(torch.zeros(2, 2, dtype=torch.float64))
+
+
+def _per_tensor_cases(shape: tuple[int, ...]) -> list[torch.Tensor]:
+    specials = torch.tensor([math.inf, -math.inf, math.nan, 3e38, -3e38, 1e-40, -0.0, 0.0, 2.5, -2.5])
+    mixed = torch.randn(shape, generator=torch.Generator().manual_seed(1)).reshape(-1)
+    mixed[: min(mixed.numel(), specials.numel())] = specials[: mixed.numel()]
+    return [*_cases(shape), mixed.reshape(shape)]
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 9, 128), (5000,), (1,)])  # 5000: across 4096-value blocks
+@pytest.mark.parametrize("in_place", [False, True])
+def test_per_tensor_kernel_gives_fake_quantizes_bits(shape: tuple[int, ...], in_place: bool) -> None:
+    for spec in SPECS:
+        scale, zp = compute_qparams(torch.tensor(-2.0), torch.tensor(5.0), spec)  # values beyond it clamp
+        for x in _per_tensor_cases(shape):
+            ref = fake_quantize(x, scale, zp, spec)
+            y = x.clone()
+            got = kernels.per_tensor_fused(y, scale, zp, spec.quant_min, spec.quant_max, in_place=in_place)
+            assert _bits_equal(got, ref), (shape, spec)  # NaN, inf and zero signs as torch's chain gives them
+            assert (got.data_ptr() == y.data_ptr()) == in_place and (in_place or _bits_equal(y, x))
+
+
+def test_per_tensor_kernel_leaves_a_non_contiguous_input_alone() -> None:
+    spec = SPECS[0]
+    scale, zp = compute_qparams(torch.tensor(-1.0), torch.tensor(1.0), spec)
+    x = torch.randn(4, 6, 10).transpose(0, 1)
+    before = x.clone()
+    got = kernels.per_tensor_fused(x, scale, zp, spec.quant_min, spec.quant_max, in_place=True)
+    assert torch.equal(x, before) and _bits_equal(got, fake_quantize(x, scale, zp, spec))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_kernels_sum_signal_and_noise_power_in_float64(in_place: bool, per_token: bool) -> None:
+    spec = SPECS[0]
+    scale, zp = compute_qparams(torch.tensor(-2.0), torch.tensor(5.0), spec)
+    x = torch.randn(7, 1000, generator=torch.Generator().manual_seed(2)) ** 3
+    sums = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)  # added to, not overwritten
+    for _ in range(2):
+        y = x.clone()
+        if per_token:
+            got, _ = kernels.per_token_fused(y, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric,
+                                             in_place=in_place, sums=sums)
+        else:
+            got = kernels.per_tensor_fused(y, scale, zp, spec.quant_min, spec.quant_max, in_place=in_place, sums=sums)
+    xd, qd = x.double().numpy(), got.double().numpy()
+    signal, noise = 2 * (xd**2).sum() + 1.0, 2 * ((xd - qd) ** 2).sum() + 2.0
+    assert sums[0].item() == pytest.approx(signal, rel=1e-12) and sums[1].item() == pytest.approx(noise, rel=1e-12)
+    assert sums[2].item() == 5.0
+
+
+def test_per_tensor_kernel_takes_one_element_qparams_of_any_shape() -> None:
+    spec = SPECS[0]
+    scale, zp = compute_qparams(torch.tensor(-1.0), torch.tensor(3.0), spec)
+    x = torch.randn(3, 50)
+    got = kernels.per_tensor_fused(x, scale.reshape(1), zp.reshape(1, 1), spec.quant_min, spec.quant_max)
+    assert _bits_equal(got, fake_quantize(x, scale, zp, spec))

@@ -7,11 +7,12 @@ import torch
 from torch import Tensor
 
 from outlier_probe.quant import kernels
-from outlier_probe.quant.modules import ActMode, ActQuantizer
+from outlier_probe.quant.modules import ActMode, ActQuantizer, add_noise_power
 from outlier_probe.quant.quantizer import SCALE_EPS, QuantSpec
 
 
-def per_token_fake_quantize(x: Tensor, spec: QuantSpec, *, in_place: bool = False) -> Tensor:
+def per_token_fake_quantize(x: Tensor, spec: QuantSpec, *, in_place: bool = False,
+                            sums: Tensor | None = None) -> Tensor:
     """Fake-quantize each row x[..., :] with its own range (0 included, as the per-tensor grid).
 
     The same arithmetic as compute_qparams + fake_quantize (multiply by the float32 reciprocal, round
@@ -19,17 +20,24 @@ def per_token_fake_quantize(x: Tensor, spec: QuantSpec, *, in_place: bool = Fals
     fused kernel (quant/kernels.py, bit-identical), rows holding an inf or NaN the torch path; elsewhere
     it is done in place on one buffer. in_place: x may be overwritten (the caller owns it and drops it),
     which spares the output's allocation (fresh pages: ~0.8 ms of page faults per 6 MB) on the kernel path.
+    sums: (signal, noise, calls) of an SQNR meter (ActQuantizer.sqnr), added to: the kernel sums each row
+    in float64 while it quantizes it (so in place too), other paths through add_noise_power.
     """
-    if x.numel() == 0:  # no value to quantize (aminmax refuses an empty last dimension)
-        return x.detach().clone()
-    if kernels.available(x):
-        out, bad = kernels.per_token_fused(x, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric,
-                                           in_place=in_place)
-        if bad.numel():  # each row has its own range, so these rows alone give what the whole tensor would
-            rows = x.detach().reshape(-1, x.shape[-1])[bad]  # still unwritten, also in place
-            out.view(-1, x.shape[-1])[bad] = _torch_path(rows, spec)
+    if x.numel() == 0 or not kernels.available(x) or (sums is not None and sums.device.type != "cpu"):
+        # no value to quantize (aminmax refuses an empty last dimension), or not a float32 CPU tensor
+        out = x.detach().clone() if x.numel() == 0 else _torch_path(x, spec)
+        if sums is not None:
+            add_noise_power(sums, x, out)
         return out
-    return _torch_path(x, spec)
+    out, bad = kernels.per_token_fused(x, spec.quant_min, spec.quant_max, SCALE_EPS, spec.symmetric,
+                                       in_place=in_place, sums=sums)
+    if bad.numel():  # each row has its own range, so these rows alone give what the whole tensor would
+        rows = x.detach().reshape(-1, x.shape[-1])[bad]  # still unwritten, also in place
+        qrows = _torch_path(rows, spec)
+        out.view(-1, x.shape[-1])[bad] = qrows
+        if sums is not None:  # inf / NaN rows: their inf or NaN power, as a float64 sum
+            sums[:2] += torch.stack((rows.double().square().sum(), (rows.double() - qrows.double()).square().sum()))
+    return out
 
 
 def _torch_path(x: Tensor, spec: QuantSpec) -> Tensor:
@@ -54,12 +62,15 @@ class TokenActQuantizer(ActQuantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode is ActMode.frozen:
-            return per_token_fake_quantize(x, self.spec)
+            return self._fake_quantize(x, in_place=False)
         return super().forward(x)
+
+    def _fake_quantize(self, x: Tensor, *, in_place: bool) -> Tensor:
+        return per_token_fake_quantize(x, self.spec, in_place=in_place, sums=self.sqnr)
 
     def quantize_owned(self, x: Tensor) -> Tensor:
         if self.mode is ActMode.frozen and self._may_overwrite(x):
-            return per_token_fake_quantize(x, self.spec, in_place=True)
+            return self._fake_quantize(x, in_place=True)
         return self(x)
 
     def extra_repr(self) -> str:
