@@ -185,6 +185,8 @@ if numba is not None:
         measure = sums.shape[0] > 0
         sig = 0.0
         noise = 0.0
+        # the three branches below repeat _per_token's on a block instead of a row, on purpose: one shared
+        # helper for both (inlined) measured 10-15% slower on the 128-value rows of scores / probabilities
         for b0 in range(0, n, 4096):
             m = min(4096, n - b0)
             xb = x[b0:b0 + m]
