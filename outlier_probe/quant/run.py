@@ -177,10 +177,11 @@ def run_quantize(cfg: QuantizeConfig, progress: Progress | None = None, loaded: 
             dropped = weakref.ref(qmodel)
             del qmodel
             collect_if_alive(dropped)
-    used = next((c for c in absmax_caches.values() if c), {})  # the first recipe's calibration set
+    calib_used = next((k for k, c in absmax_caches.items() if c), None)  # the first recipe's calibration set
+    used = absmax_caches[calib_used] if calib_used is not None else {}
     if used:
         source = (f"loaded from {cfg.act_scales}" if preloaded else
-                  f"measured on the calibration batches ({calib_sets[next(k for k, c in absmax_caches.items() if c)].description})")
+                  f"measured on the calibration batches ({calib_sets[calib_used].description})")
     summary = None
     if site_stats:
         summary = summarize([{"site": k, "kind": "", "layer": None, **v.to_row()} for k, v in site_stats.items()])
